@@ -67,13 +67,13 @@ class GPTConfig:
         return self.n_embd // self.n_head
 
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> "GPTConfig":
+    def from_preset(cls, name: str, **overrides) -> GPTConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
     @classmethod
-    def from_dict(cls, d: dict) -> "GPTConfig":
+    def from_dict(cls, d: dict) -> GPTConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

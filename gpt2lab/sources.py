@@ -18,9 +18,9 @@ import glob
 import gzip
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import regex
 

@@ -25,9 +25,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable
 
 import regex
 
@@ -237,7 +237,8 @@ class BPETokenizer:
             h = hashlib.sha256()
             h.update(self.pattern.encode())
             h.update(json.dumps(sorted(self.special_tokens.items())).encode())
-            h.update(json.dumps(sorted(self.vocab.items(), key=lambda kv: kv[1]), ensure_ascii=False).encode())
+            by_id = sorted(self.vocab.items(), key=lambda kv: kv[1])
+            h.update(json.dumps(by_id, ensure_ascii=False).encode())
             h.update("\n".join(f"{a} {b}" for a, b in self.merges).encode())
             self._fingerprint = h.hexdigest()
         return self._fingerprint
@@ -258,7 +259,7 @@ class BPETokenizer:
         return path
 
     @classmethod
-    def from_dict(cls, d: dict, source: str = "tokenizer.json") -> "BPETokenizer":
+    def from_dict(cls, d: dict, source: str = "tokenizer.json") -> BPETokenizer:
         if d.get("format") != FORMAT:
             raise UserError(f"{source} is not a gpt2lab tokenizer (format {d.get('format')!r}); "
                             "make one with `gpt2lab tokenizer train`")
@@ -269,7 +270,7 @@ class BPETokenizer:
         return cls(d["vocab"], merges, d["special_tokens"], d["pattern"], d.get("name", "custom"))
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike) -> "BPETokenizer":
+    def from_file(cls, path: str | os.PathLike) -> BPETokenizer:
         path = Path(path)
         try:
             d = json.loads(path.read_text(encoding="utf-8"))

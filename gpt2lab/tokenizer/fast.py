@@ -9,7 +9,7 @@ from the tokenizer's own vocabulary; nothing is downloaded.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import tiktoken
 

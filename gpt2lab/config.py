@@ -1,0 +1,129 @@
+"""The training configuration: one typed dataclass that defaults, config files and flags all set.
+
+Precedence: the defaults here, then a TOML or YAML file (`--config run.toml`,
+the same names as the flags, with `_` or `-`), then the command-line flags.
+This module imports no torch, so that `gpt2lab pretrain --help` is instant.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from gpt2lab.errors import UserError
+
+MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "pad_vocab_multiple")
+DTYPE_NAMES = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""
+    out: str = ""
+    model: str = "gpt2"
+    # per-field model overrides of the preset (None: the preset's value)
+    n_layer: int | None = None
+    n_head: int | None = None
+    n_embd: int | None = None
+    block_size: int | None = None
+    dropout: float | None = None
+    bias: bool | None = None
+    pad_vocab_multiple: int | None = None
+    # batch
+    max_steps: int = 1000
+    batch_size: int = 8
+    seq_len: int | None = None  # default: the model's block_size
+    total_batch_tokens: int | None = None  # default: one micro-batch per process, no accumulation
+    # optimisation
+    optimizer: str = "adamw"  # or "adamw-scratch", the AdamW written out in optim.py
+    lr: float = 6e-4
+    min_lr: float | None = None  # default: lr / 10
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    decay_embeddings: bool = False
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 turns clipping off (the norm is still logged)
+    data_order: str = "random"  # random windows, or "sequential"
+    # evaluation, logging, checkpoints
+    eval_every: int = 250
+    eval_batches: int = 20
+    sample_every: int = 0  # 0: only at the end
+    sample_tokens: int = 64
+    log_every: int = 10
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    tensorboard: bool = True
+    # machinery
+    seed: int = 1337
+    device: str = "auto"
+    dtype: str = "auto"  # fp32 on CPU; bf16 on CUDA when supported
+    compile: bool = False
+    resume: bool = False
+    init_from: str | None = None  # a run dir whose weights start this run
+
+    def validate(self) -> None:
+        if not self.data:
+            raise UserError("no data directory given; pass --data DIR (made by `gpt2lab prepare`)")
+        if not self.out:
+            raise UserError("no run directory given; pass --out DIR")
+        positive = ["max_steps", "batch_size", "eval_every", "eval_batches", "log_every",
+                    "checkpoint_every", "sample_tokens"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("seq_len", "total_batch_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        for name in ("warmup_steps", "sample_every", "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise UserError(f"--lr must be positive, got {self.lr}")
+        if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
+            raise UserError(f"--min-lr must be between 0 and --lr ({self.lr}), got {self.min_lr}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise UserError("--weight-decay and --grad-clip must be >= 0")
+        if self.optimizer not in ("adamw", "adamw-scratch"):
+            raise UserError(f"--optimizer must be adamw or adamw-scratch, got {self.optimizer!r}")
+        if self.data_order not in ("random", "sequential"):
+            raise UserError(f"--data-order must be random or sequential, got {self.data_order!r}")
+        if self.dtype not in DTYPE_NAMES:
+            raise UserError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}; got {self.dtype!r}")
+        if self.resume and self.init_from:
+            raise UserError("--resume continues the run in --out; --init-from starts a new run from "
+                            "another's weights: use one of them")
+
+
+def load_config_file(path: str | os.PathLike) -> dict:
+    """A TOML or YAML file of TrainConfig fields (`max_steps = 100`, dashes allowed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist; check the path")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            raw = yaml.safe_load(text) or {}
+        else:
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                import tomli as tomllib
+            raw = tomllib.loads(text)
+    except Exception as e:  # each parser has its own error type
+        raise UserError(f"{path} cannot be parsed ({str(e).splitlines()[0]}); fix the syntax "
+                        "(TOML for .toml, YAML for .yaml/.yml)") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} must hold a table of settings (key = value)")
+    known = {f.name for f in fields(TrainConfig)}
+    out = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise UserError(f"{path}: unknown setting {key!r}; known settings: {', '.join(sorted(known))}")
+        out[name] = value
+    return out
