@@ -1,0 +1,65 @@
+"""`gpt2lab plot RUN_DIR`: train/val loss and learning rate against steps and tokens."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from gpt2lab.errors import UserError
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; pass a run directory written by `gpt2lab pretrain`")
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by an interrupted run
+    if not records:
+        raise UserError(f"{path} has no metrics yet; train for at least --log-every steps")
+    return records
+
+
+def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("plotting needs matplotlib; install it with `pip install 'gpt2lab[plot]'`") from None
+    records = read_metrics(run_dir)
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if "val_loss" in r]
+    out = Path(out) if out else Path(run_dir) / "curves.png"
+
+    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(8, 7), sharex=True,
+                                         gridspec_kw={"height_ratios": [3, 1]})
+    ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train", lw=1)
+    if val:
+        ax_loss.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val", lw=1.5)
+    ax_loss.set_ylabel("cross-entropy loss")
+    ax_loss.set_title(f"{Path(run_dir).name}")
+    ax_loss.grid(alpha=0.3)
+    ax_loss.legend()
+    ax_lr.plot([r["step"] for r in train], [r.get("lr", float("nan")) for r in train], color="tab:green")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("step")
+    ax_lr.grid(alpha=0.3)
+    # tokens on a second x axis: tokens grow linearly with steps
+    with_tokens = [r for r in train if r.get("tokens") and r["step"]]
+    if with_tokens:
+        per_step = with_tokens[-1]["tokens"] / with_tokens[-1]["step"]
+        top = ax_loss.secondary_xaxis("top", functions=(lambda s: s * per_step, lambda t: t / per_step))
+        top.set_xlabel("tokens")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
