@@ -94,17 +94,23 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_dim)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        # softmax(q k^T / sqrt(head_dim)) v with a causal mask; flash attention where available
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
-        )
+        if cache is None:
+            # softmax(q k^T / sqrt(head_dim)) v under a causal mask; flash attention where available
+            y = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            )
+        else:
+            # keys and values of earlier tokens come from the cache; only the new ones are computed
+            k, v = cache.update(layer, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -131,8 +137,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer, mask)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -169,16 +176,30 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """idx (B, T) token ids -> logits (B, T, vocab_size)."""
+    def forward(self, idx: torch.Tensor, kv_cache: KVCache | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """idx (B, T) token ids -> logits (B, T, vocab_size).
+
+        With a `kv_cache`, idx holds only the tokens after those already cached
+        (the whole prompt first, then one token at a time). `last_only` returns
+        the logits of the last position only, (B, 1, vocab_size): all that
+        sampling needs, without the cost of the LM head on every position.
+        """
         B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"input of {T} tokens is longer than the model's context of "
-                             f"{self.config.block_size} tokens")
-        pos = torch.arange(T, device=idx.device)
+        if kv_cache is None:
+            if T > self.config.block_size:
+                raise ValueError(f"input of {T} tokens is longer than the model's context of "
+                                 f"{self.config.block_size} tokens")
+            pos, mask = torch.arange(T, device=idx.device), None
+        else:
+            pos, mask = kv_cache.prepare(T)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        for block in self.transformer.h:
-            x = block(x)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, kv_cache, i, mask)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        if last_only:
+            x = x[:, -1:, :]
         logits = self.lm_head(self.transformer.ln_f(x))
         if self.config.padded_vocab_size != self.config.vocab_size:
             # padded rows exist for speed only: they are never a prediction
@@ -206,3 +227,65 @@ class GPT(nn.Module):
         T = seq_len or c.block_size
         n_matmul = self.num_params() - self.transformer.wpe.weight.numel()
         return 6 * n_matmul + 12 * c.n_layer * c.n_embd * T
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, for every layer, preallocated once.
+
+    Generating token t+1 needs the keys and values of tokens 0..t; without a
+    cache they are recomputed at every step (quadratic work). The buffers are
+    allocated for `max_len` positions up front, so decoding writes into them
+    and never reallocates.
+
+    Batches of prompts of different lengths are left-padded: row b begins with
+    `pad[b]` padding slots that no query may attend to, and its positions
+    count from its first real token, so every row sees exactly what it would
+    see alone.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int | None = None,
+                 device: torch.device | str | None = None, pad: torch.Tensor | None = None):
+        self.max_len = max_len or config.block_size
+        if self.max_len > config.block_size:
+            raise ValueError(f"a cache of {self.max_len} positions exceeds the model's context of "
+                             f"{config.block_size}")
+        self.shape = (config.n_layer, batch_size, config.n_head, self.max_len, config.head_dim)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.k: torch.Tensor | None = None  # allocated on first use, in the dtype of the keys
+        self.v: torch.Tensor | None = None
+        self.pos = 0  # slots filled so far
+        self._slots = torch.arange(self.max_len, device=self.device)
+        self.pad = pad.to(self.device) if pad is not None else None
+        # key slot j of row b holds a real token when j >= pad[b]
+        self.valid = self._slots[None, :] >= self.pad[:, None] if pad is not None else None
+
+    def prepare(self, T: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Positions (T,) or (B, T) of the next T tokens, and the attention mask they need."""
+        if self.pos + T > self.max_len:
+            raise ValueError(f"the KV cache holds {self.max_len} positions; {self.pos} are used and "
+                             f"{T} more do not fit")
+        q_slots = self._slots[self.pos:self.pos + T]
+        L = self.pos + T
+        if self.pad is None:
+            # no padding: causal order is all there is; sdpa handles T == 1 and a fresh prefill itself
+            if T == 1 or self.pos == 0:
+                return q_slots, None
+            return q_slots, (self._slots[None, :L] <= q_slots[:, None])[None, None]
+        positions = (q_slots[None, :] - self.pad[:, None]).clamp(min=0)
+        causal = self._slots[None, :L] <= q_slots[:, None]  # (T, L)
+        mask = causal[None] & self.valid[:, None, :L]  # (B, T, L)
+        # a padding slot attends to itself, so its (unused) row never becomes NaN
+        mask = mask | (self._slots[None, :L] == q_slots[:, None])[None]
+        return positions, mask[:, None]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k is None:
+            self.k = torch.empty(self.shape, dtype=k.dtype, device=k.device)
+            self.v = torch.empty(self.shape, dtype=v.dtype, device=v.device)
+        T = k.size(2)
+        self.k[layer, :, :, self.pos:self.pos + T] = k
+        self.v[layer, :, :, self.pos:self.pos + T] = v
+        return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]
+
+    def advance(self, T: int) -> None:
+        self.pos += T

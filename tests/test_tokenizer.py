@@ -278,9 +278,6 @@ def _doc(**fields) -> str:
 
 
 _BYTE_VOCAB = {bytes_to_unicode()[b]: b for b in range(256)}
-# BPETokenizer.from_file lets these through as AttributeError / regex.error, or as a
-# UserError that does not name the file; see the project's notes on bpe.py
-_BPE_BUG = pytest.mark.xfail(strict=True, reason="bpe.py: corrupt file not reported as UserError naming it")
 
 
 @pytest.mark.parametrize("content", [
@@ -292,11 +289,11 @@ _BPE_BUG = pytest.mark.xfail(strict=True, reason="bpe.py: corrupt file not repor
     json.dumps({"format": "gpt2lab-bpe", "version": 1, "vocab": {}}),
     _doc(merges=["Ġt"]),
     _doc(vocab=[1, 2]),
-    pytest.param(json.dumps([1, 2, 3]), marks=_BPE_BUG, id="top-level-list"),
-    pytest.param(_doc(merges=[5]), marks=_BPE_BUG, id="merge-not-string"),
-    pytest.param(_doc(pattern="(unclosed"), marks=_BPE_BUG, id="bad-pattern"),
-    pytest.param(_doc(vocab={"a": 0}), marks=_BPE_BUG, id="missing-byte-token"),
-    pytest.param(_doc(merges=["Ġ t"]), marks=_BPE_BUG, id="merge-of-unknown-token"),
+    json.dumps([1, 2, 3]),
+    _doc(merges=[5]),
+    _doc(pattern="(unclosed"),
+    _doc(vocab={"a": 0}),
+    _doc(merges=["Ġ t"]),
 ])
 @pytest.mark.parametrize("fast_path", [True, False])
 def test_corrupt_tokenizer_file_is_user_error_naming_it(tmp_path, content, fast_path):

@@ -41,8 +41,13 @@ def _from_file(path: str, mtime: float) -> BPETokenizer:
     return BPETokenizer.from_file(path)
 
 
+@lru_cache(maxsize=8)
+def _fast(slow: BPETokenizer) -> FastTokenizer:
+    return FastTokenizer(slow)
+
+
 def _wrap(slow: BPETokenizer, fast: bool) -> Tokenizer:
-    return FastTokenizer(slow) if fast else slow
+    return _fast(slow) if fast else slow
 
 
 def get_tokenizer(name_or_dir: str | os.PathLike = "gpt2", fast: bool = True) -> Tokenizer:

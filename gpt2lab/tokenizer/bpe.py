@@ -260,14 +260,25 @@ class BPETokenizer:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "tokenizer.json") -> BPETokenizer:
-        if d.get("format") != FORMAT:
-            raise UserError(f"{source} is not a gpt2lab tokenizer (format {d.get('format')!r}); "
+        fix = "retrain it with `gpt2lab tokenizer train`"
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            found = d.get("format") if isinstance(d, dict) else type(d).__name__
+            raise UserError(f"{source} is not a gpt2lab tokenizer (format {found!r}); "
                             "make one with `gpt2lab tokenizer train`")
         if d.get("version") != FORMAT_VERSION:
             raise UserError(f"{source} has tokenizer format version {d.get('version')}, this gpt2lab "
-                            f"reads version {FORMAT_VERSION}; upgrade gpt2lab or retrain the tokenizer")
-        merges = [tuple(m.split(" ")) for m in d["merges"]]
-        return cls(d["vocab"], merges, d["special_tokens"], d["pattern"], d.get("name", "custom"))
+                            f"reads version {FORMAT_VERSION}; upgrade gpt2lab or {fix}")
+        try:
+            merges = [tuple(m.split(" ")) for m in d["merges"]]
+            if any(len(m) != 2 for m in merges):
+                raise ValueError("a merge is not two tokens separated by one space")
+            regex.compile(d["pattern"])
+            return cls(d["vocab"], merges, d["special_tokens"], d["pattern"], d.get("name", "custom"))
+        except UserError as e:
+            raise UserError(f"{source}: {e}") from None
+        except (KeyError, TypeError, ValueError, AttributeError, regex.error) as e:
+            raise UserError(f"{source} is missing or has a malformed field ({type(e).__name__}: {e}); "
+                            f"the file is corrupt, {fix}") from None
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> BPETokenizer:
@@ -280,13 +291,7 @@ class BPETokenizer:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"{path} is not valid JSON ({e}); the tokenizer file is corrupt, "
                             "retrain it with `gpt2lab tokenizer train`") from None
-        try:
-            return cls.from_dict(d, str(path))
-        except (KeyError, TypeError, ValueError) as e:
-            if isinstance(e, UserError):
-                raise
-            raise UserError(f"{path} is missing or has a malformed field ({e}); retrain it with "
-                            "`gpt2lab tokenizer train`") from None
+        return cls.from_dict(d, str(path))
 
 
 def load_gpt2_files(encoder_json: str | os.PathLike, vocab_bpe: str | os.PathLike,
