@@ -133,10 +133,13 @@ def _read_text_blocks(path: Path, stats: ReadStats, block: int = CHUNK_CHARS) ->
 
 def _cut(buffer: str, limit: int) -> int:
     """Where to cut a long buffer: the last safe point before `limit`, or 0 if none."""
-    cut = 0
-    for m in _SAFE_CUT.finditer(buffer, 0, min(limit, len(buffer))):
-        cut = m.start()
-    return cut
+    end = min(limit, len(buffer))
+    i = buffer.rfind("\n", 0, end)
+    while i > 0:  # search backwards: a safe point is nearly always within a line or two
+        if i + 1 < end and _SAFE_CUT.match(buffer, i + 1):
+            return i + 1
+        i = buffer.rfind("\n", 0, i)
+    return 0
 
 
 def _split_document_stream(blocks: Iterator[str], separator: str | None,

@@ -14,7 +14,7 @@ def cmd_prepare(args) -> int:
         args.input or [],
         args.out,
         tokenizer=args.tokenizer,
-        valfraction=args.valfraction,
+        val_fraction=args.val_fraction,
         text_field=args.text_field,
         doc_separator=unescape(args.doc_separator),
         hf_dataset=args.hf_dataset,
