@@ -339,7 +339,7 @@ class Trainer:
                     f"{self.grad_accum} accumulation x {self.dist.world_size} processes")
         self.model.train()
         self._t_start = time.time()
-        steps_this_session, t_window, tokens_window = 0, time.time(), 0
+        steps_this_session, t_window, tokens_window, paused = 0, time.time(), 0, 0.0
         while self.step < cfg.max_steps:
             loss, norm, lr = self.train_step()
             steps_this_session += 1
@@ -350,9 +350,9 @@ class Trainer:
             if self.step % cfg.log_every == 0 or first or last:
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
-                dt = time.time() - t_window
+                dt = time.time() - t_window - paused  # evaluations and checkpoints do not count
                 tok_s = tokens_window / dt if dt > 0 else 0.0
-                t_window, tokens_window = time.time(), 0
+                t_window, tokens_window, paused = time.time(), 0, 0.0
                 record = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm,
                           "tokens": self.step * self.total_batch_tokens, "tokens_per_sec": tok_s}
                 line = (f"step {self.step}/{cfg.max_steps} | loss {loss:.4f} | lr {lr:.2e} | norm {norm:.2f} "
@@ -368,6 +368,7 @@ class Trainer:
                 if main:
                     console(line)
                     self.logger.log(record)
+            t_pause = time.time()
             if self.step % cfg.eval_every == 0 or last:
                 val = self.evaluate()
                 result.val_steps.append(self.step)
@@ -382,6 +383,7 @@ class Trainer:
                 self.logger.text("sample", text, self.step)
             if self.step % cfg.checkpoint_every == 0 or last:
                 self._save_checkpoint()
+            paused += time.time() - t_pause
 
         result.final_val_loss = result.val_losses[-1] if result.val_losses else self.evaluate()
         if main:
