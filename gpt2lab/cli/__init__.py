@@ -17,7 +17,7 @@ import os
 import sys
 
 # command modules, in the order `gpt2lab --help` lists them
-COMMAND_MODULES = ["tokenizer", "data", "train", "generate", "hf", "evaluate"]
+COMMAND_MODULES = ["tokenizer", "data", "train", "generate", "hf", "evaluate", "finetune"]
 
 
 class Parser(argparse.ArgumentParser):

@@ -1,0 +1,5 @@
+"""Placeholder: the commands of this module are being written."""
+
+
+def register(sub) -> None:
+    pass
