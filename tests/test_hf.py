@@ -1,0 +1,413 @@
+"""Import and export of Hugging Face GPT-2 checkpoints, checked against transformers itself."""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from gpt2lab import checkpoint as ckpt
+from gpt2lab.errors import UserError
+from gpt2lab.generate import generate
+from gpt2lab.hf import config_from_hf, export_hf, hf_to_gpt2lab, import_hf, read_hf_tokenizer
+from gpt2lab.model import GPT, GPTConfig
+from gpt2lab.tokenizer import BPETokenizer, get_tokenizer
+from gpt2lab.tokenizer.train import train_bpe_from_texts
+
+REPO = Path(__file__).resolve().parents[1]
+
+TEXTS = [
+    "Hello world",
+    "  leading spaces, and   runs of    spaces ",
+    "digits 12345 and 3.14159 and 2024-01-01",
+    "accents: café, naïve, Ångström, façade, jalapeño",
+    "emoji 🤗🚀👍🏽 and CJK 日本語のテキスト",
+    "tabs\tand\nnewlines\n\n\r\n end",
+    "it's don't we'll they've I'm you'd",
+    "MiXeD CaSe!!! ??? ... ---",
+]
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. The dog sleeps.",
+    "A café in Zürich serves crème brûlée; naïve tourists pay 12.50 francs.",
+    "Numbers like 1234567 and 3.14159 appear in text, as do emoji 🤗🚀.",
+    "It's what they've said: we'll see. Don't you think so?",
+] * 3
+
+
+@pytest.fixture(scope="module")
+def tfm():
+    return pytest.importorskip("transformers")
+
+
+def hf_model(tfm, vocab_size=50257, seed=0, **sizes):
+    """A random GPT2LMHeadModel whose greedy continuation is not one token over and over.
+
+    The default init gives nearly flat logits; larger embeddings and weights
+    make the next token depend on the token and its position.
+    """
+    cfg = tfm.GPT2Config(vocab_size=vocab_size, **{**dict(n_positions=64, n_embd=32, n_layer=2, n_head=2),
+                                                   **sizes})
+    torch.manual_seed(seed)
+    model = tfm.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.5 if name.endswith(("wte.weight", "wpe.weight")) else 0.2)
+            elif ".ln_" in name:
+                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.1)
+            else:
+                p.normal_(0, 0.1)
+    return model
+
+
+def save_hub_layout(hf, directory: Path, fmt: str) -> Path:
+    """Save as OpenAI's files on the hub are: no `transformer.` prefix, the mask buffers included."""
+    directory.mkdir(parents=True)
+    hf.config.to_json_file(directory / "config.json")
+    n = hf.config.n_positions
+    sd = {k.removeprefix("transformer."): v.clone() for k, v in hf.state_dict().items()}
+    if fmt == "safetensors":
+        sd.pop("lm_head.weight", None)
+    for i in range(hf.config.n_layer):
+        sd[f"h.{i}.attn.bias"] = torch.tril(torch.ones(n, n)).view(1, 1, n, n)
+        sd[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    if fmt == "safetensors":
+        save_file(sd, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        torch.save(sd, directory / "pytorch_model.bin")
+    return directory
+
+
+def randomise(model: GPT, seed: int = 0) -> GPT:
+    """Every parameter random (LayerNorm gains near 1), so no mapping mistake can hide behind a zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(1.0 + 0.1 * noise if ".ln_" in name and name.endswith("weight") else 0.2 * noise)
+    return model.eval()
+
+
+def write_run(run_dir: Path, model: GPT, tok) -> Path:
+    run_dir.mkdir(parents=True)
+    ckpt.save_weights(model, run_dir / ckpt.WEIGHTS_FILE)
+    tok.save(run_dir)
+    ckpt.write_run_config(run_dir, model.config, tokenizer_identity=tok.identity())
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def trained_tok():
+    return train_bpe_from_texts(CORPUS, 300, name="test300")
+
+
+def cli(*args, env=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "gpt2lab", *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=300)
+
+
+# --------------------------------------------------------------------------------- import
+
+
+@pytest.mark.parametrize("layout", ["save_pretrained", "hub_safetensors", "hub_pytorch_bin"])
+def test_import_gives_transformers_logits_and_greedy_text(tfm, tmp_path, layout):
+    hf = hf_model(tfm)
+    src = tmp_path / "src"
+    if layout == "save_pretrained":
+        hf.save_pretrained(src)
+    else:  # as on the hub, with GPT-2's tokenizer files
+        save_hub_layout(hf, src, "safetensors" if layout == "hub_safetensors" else "bin")
+        gpt2_dir = REPO / "gpt2lab" / "assets" / "gpt2"
+        shutil.copy(gpt2_dir / "encoder.json", src / "vocab.json")
+        shutil.copy(gpt2_dir / "vocab.bpe", src / "merges.txt")
+
+    run = import_hf(src, tmp_path / "run")
+    model, tok = ckpt.load_run(run)
+    assert tok.name == "gpt2"  # no tokenizer files, or GPT-2's: the bundled one
+
+    ids = tok.encode("Hello world, this is a test of the import")
+    idx = torch.tensor([ids])
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), hf(idx).logits, rtol=0, atol=1e-5)
+    ours = generate(model, ids, 24, temperature=0)
+    theirs = hf.generate(idx, max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert ours == theirs[0, len(ids):].tolist()
+    assert len(set(ours)) > 5  # a real continuation, not one token repeated
+
+    source = json.loads((run / "config.json").read_text())["source"]
+    weights = next(src.glob("*.safetensors"), src / "pytorch_model.bin")
+    assert source["type"] == "hf" and source["path"] == str(src.resolve())
+    assert source["weights"] == {weights.name: hashlib.sha256(weights.read_bytes()).hexdigest()}
+
+
+@pytest.mark.slow
+def test_import_full_size_gpt2_124m(tfm, tmp_path):
+    torch.manual_seed(0)
+    hf = tfm.GPT2LMHeadModel(tfm.GPT2Config()).eval()  # 124M, random weights, on the CPU
+    hf.save_pretrained(tmp_path / "src")
+    idx = torch.tensor([get_tokenizer("gpt2").encode("The meaning of life is")])
+    with torch.no_grad():
+        expected = hf(idx).logits
+    del hf
+    model, _ = ckpt.load_run(import_hf(tmp_path / "src", tmp_path / "run"))
+    assert model.num_params() == 124_439_808
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), expected, rtol=0, atol=1e-5)
+
+
+def test_import_then_export_round_trips_bitwise(tfm, tmp_path):
+    hf = hf_model(tfm)
+    hf.save_pretrained(tmp_path / "src")
+    run = import_hf(tmp_path / "src", tmp_path / "run")
+    out = export_hf(run, tmp_path / "out")
+
+    before, after = load_file(tmp_path / "src" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert sorted(before) == sorted(after)
+    for name in before:
+        assert before[name].dtype == after[name].dtype and torch.equal(before[name], after[name]), name
+    assert tfm.GPT2Config.from_pretrained(tmp_path / "src").to_dict() == \
+        tfm.GPT2Config.from_pretrained(out).to_dict()
+
+    # GPT-2's own tokenizer files, and transformers reads them to the same ids as ours
+    gpt2_dir = REPO / "gpt2lab" / "assets" / "gpt2"
+    assert json.loads((out / "vocab.json").read_text()) == json.loads((gpt2_dir / "encoder.json").read_text())
+    merges = (gpt2_dir / "vocab.bpe").read_text().split("\n")[1:]  # after the "#version" line
+    assert (out / "merges.txt").read_text().split("\n")[1:] == merges
+    ours, theirs = get_tokenizer("gpt2"), tfm.AutoTokenizer.from_pretrained(out)
+    for text in TEXTS:
+        assert theirs(text)["input_ids"] == ours.encode(text), text
+    assert theirs.eos_token == theirs.bos_token == theirs.unk_token == "<|endoftext|>"
+
+
+def test_import_refuses_pickle_that_runs_code(tmp_path):
+    marker = tmp_path / "payload_ran"
+
+    class Payload:
+        def __reduce__(self):  # unpickling calls open(marker, "w"): code from the file runs
+            return (open, (str(marker), "w"))
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1, "n_head": 2,
+                                                 "n_embd": 8, "n_positions": 8, "vocab_size": 50257}))
+    torch.save({"wte.weight": torch.zeros(2, 2), "evil": Payload()}, src / "pytorch_model.bin")
+    with pytest.raises(UserError, match="weights_only"):
+        import_hf(src, tmp_path / "run")
+    assert not marker.exists()
+    assert not (tmp_path / "run").exists()
+    # the payload is live: an unsafe load would have run it
+    torch.load(src / "pytorch_model.bin", weights_only=False)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("field, value", [
+    ("scale_attn_by_inverse_layer_idx", True),
+    ("reorder_and_upcast_attn", True),
+    ("activation_function", "relu"),
+    ("layer_norm_epsilon", 1e-6),
+    ("add_cross_attention", True),
+    ("n_inner", 100),
+    ("tie_word_embeddings", False),
+    ("scale_attn_weights", False),
+    ("model_type", "llama"),
+])
+def test_unsupported_config_fields_are_errors(field, value):
+    with pytest.raises(UserError, match=field):
+        config_from_hf({"n_embd": 32, "n_head": 2, field: value})
+
+
+def test_config_mapping():
+    cfg = config_from_hf({"n_embd": 64, "n_head": 4, "n_layer": 3, "n_positions": 128, "vocab_size": 1000,
+                          "n_inner": 256, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+                          "activation_function": "gelu_new", "n_ctx": 128})
+    assert cfg == GPTConfig(vocab_size=1000, block_size=128, n_layer=3, n_head=4, n_embd=64, dropout=0.0)
+    assert config_from_hf({}) == GPTConfig.from_preset("gpt2", dropout=0.1)  # transformers' defaults
+    with pytest.raises(UserError, match="dropouts differ"):
+        config_from_hf({"resid_pdrop": 0.1, "attn_pdrop": 0.0})
+
+
+def test_untied_head_and_wrong_shapes_are_named(tfm, tmp_path):
+    hf = hf_model(tfm, vocab_size=50257)
+    sd = {k: v.clone() for k, v in hf.state_dict().items()}
+    sd["lm_head.weight"] = torch.randn_like(sd["lm_head.weight"])
+    with pytest.raises(UserError, match="untied"):
+        hf_to_gpt2lab(sd)
+
+    src = tmp_path / "src"
+    hf.save_pretrained(src)
+    sd = load_file(src / "model.safetensors")
+    sd["transformer.h.1.mlp.c_fc.weight"] = sd["transformer.h.1.mlp.c_fc.weight"].t().contiguous()
+    save_file(sd, str(src / "model.safetensors"))
+    with pytest.raises(UserError, match=r"transformer\.h\.1\.mlp\.c_fc\.weight has shape \(128, 32\).*"
+                                        r"\(32, 128\)"):
+        import_hf(src, tmp_path / "run")
+    del sd["transformer.h.1.mlp.c_fc.weight"]
+    sd["score.weight"] = torch.zeros(2, 32)
+    save_file(sd, str(src / "model.safetensors"))
+    with pytest.raises(UserError, match=r"lacks transformer\.h\.1\.mlp\.c_fc\.weight.*score\.weight"):
+        import_hf(src, tmp_path / "run")
+    assert not (tmp_path / "run").exists() and not list(tmp_path.glob(".run*"))
+
+
+# --------------------------------------------------------------------------------- export
+
+
+@pytest.mark.parametrize("options", [dict(pad_vocab_multiple=64), dict(bias=False)],
+                         ids=["padded_vocab", "no_bias"])
+def test_export_of_a_model_trained_here_loads_in_transformers(tfm, tmp_path, trained_tok, options):
+    cfg = GPTConfig(vocab_size=trained_tok.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=32,
+                    **options)
+    model = randomise(GPT(cfg))
+    run = write_run(tmp_path / "run", model, trained_tok)
+    out = export_hf(run, tmp_path / "hf")
+    assert {p.name for p in out.iterdir()} == {
+        "config.json", "generation_config.json", "model.safetensors", "vocab.json", "merges.txt",
+        "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
+    assert not list(tmp_path.glob(".hf*"))  # the staging directory is gone
+
+    hf = tfm.GPT2LMHeadModel.from_pretrained(out).eval()
+    assert hf.config.vocab_size == trained_tok.vocab_size  # padding rows trimmed
+    idx = torch.randint(0, trained_tok.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, model(idx), rtol=0, atol=1e-5)
+
+    ours, fast = trained_tok, tfm.AutoTokenizer.from_pretrained(out)
+    eot = "<|endoftext|>"
+    assert fast.eos_token == fast.bos_token == fast.unk_token == eot
+    assert fast.eos_token_id == ours.eot_id == trained_tok.vocab_size - 1
+    for text in TEXTS + CORPUS[:4]:
+        ids = ours.encode(text)
+        assert fast(text)["input_ids"] == ids, text
+        assert fast.decode(ids) == ours.decode(ids)
+    # transformers finds special tokens in text; ours does where allowed
+    text = f"one document{eot}the next"
+    assert fast(text)["input_ids"] == ours.encode(text, allowed_special="all")
+
+    # what transformers itself writes for this tokenizer comes back in unchanged
+    fast.save_pretrained(tmp_path / "resaved")
+    assert read_hf_tokenizer(tmp_path / "resaved").fingerprint == ours.fingerprint
+
+    # vocab.json + merges.txt alone (what older tools read) give the same ids
+    slow_dir = tmp_path / "slow"
+    shutil.copytree(out, slow_dir)
+    (slow_dir / "tokenizer.json").unlink()
+    slow = tfm.AutoTokenizer.from_pretrained(slow_dir)
+    for text in TEXTS:
+        assert slow(text)["input_ids"] == ours.encode(text), text
+
+
+def test_export_then_import_round_trips(tmp_path, trained_tok):
+    cfg = GPTConfig(vocab_size=trained_tok.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=32,
+                    dropout=0.1)
+    run = write_run(tmp_path / "run", randomise(GPT(cfg)), trained_tok)
+    out = export_hf(run, tmp_path / "hf")
+    back = import_hf(out, tmp_path / "back")
+    assert json.loads((back / "config.json").read_text())["model"] == cfg.to_dict()
+    before, after = load_file(run / "model.safetensors"), load_file(back / "model.safetensors")
+    assert sorted(before) == sorted(after)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert BPETokenizer.from_file(back / "tokenizer.json").fingerprint == trained_tok.fingerprint
+
+    # the tokenizer comes in from vocab.json + merges.txt as well as from tokenizer.json
+    (out / "tokenizer.json").unlink()
+    back2 = import_hf(out, tmp_path / "back2")
+    assert BPETokenizer.from_file(back2 / "tokenizer.json").fingerprint == trained_tok.fingerprint
+
+
+def test_export_refuses_what_gpt2_cannot_express(tmp_path, trained_tok):
+    tok = BPETokenizer(trained_tok.vocab, trained_tok.merges, trained_tok.special_tokens,
+                       pattern=r"\S+|\s+", name="own-regex")
+    cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    run = write_run(tmp_path / "run", GPT(cfg), tok)
+    with pytest.raises(UserError, match="regex"):
+        export_hf(run, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_output_directories_are_replaced_only_when_asked(tmp_path, trained_tok):
+    cfg = GPTConfig(vocab_size=trained_tok.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    run = write_run(tmp_path / "run", GPT(cfg), trained_tok)
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(UserError, match="--overwrite"):
+        export_hf(run, out)
+    assert (out / "keep.txt").read_text() == "precious"
+    export_hf(run, out, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    with pytest.raises(UserError, match="--overwrite"):
+        import_hf(out, run)
+    with pytest.raises(UserError, match="run directory itself"):
+        export_hf(run, run, overwrite=True)
+    assert (run / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "run"]  # nothing half-written left
+
+
+# ------------------------------------------------------------------------------------ CLI
+
+
+def test_cli_import_then_export(tfm, tmp_path):
+    hf_model(tfm).save_pretrained(tmp_path / "src")
+    r = cli("import-hf", tmp_path / "src", "--out", tmp_path / "run")
+    assert r.returncode == 0, r.stderr
+    assert "gpt2lab generate" in r.stdout
+    r = cli("export-hf", tmp_path / "run", "--out", tmp_path / "hf")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+    r = cli("export-hf", tmp_path / "run", "--out", tmp_path / "hf")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert r.stderr.startswith("error: ") and "--overwrite" in r.stderr
+
+
+def test_cli_hub_id_offline(tmp_path):
+    from gpt2lab.cli.hf import HUB_NAMES
+    from gpt2lab.hf import HUB_IDS
+
+    assert HUB_NAMES == ", ".join(HUB_IDS)  # the help text lists them without importing gpt2lab.hf
+    r = cli("import-hf", "gpt2", "--out", tmp_path / "run", env={"HF_HOME": str(tmp_path / "hf_home")})
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ")
+    assert "offline" in r.stderr and "import-hf ./gpt2" in r.stderr and "local" in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_errors(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"scale_attn_by_inverse_layer_idx": True}))
+    shaped = tmp_path / "shaped"
+    shaped.mkdir()
+    (shaped / "config.json").write_text(json.dumps(dict(n_layer=1, n_head=2, n_embd=8, n_positions=8)))
+    tensors = {"wte.weight": torch.zeros(50257, 8), "wpe.weight": torch.zeros(8, 8),
+               "ln_f.weight": torch.zeros(8), "ln_f.bias": torch.zeros(8)}
+    for name, shape in [("ln_1.weight", 8), ("ln_1.bias", 8), ("ln_2.weight", 8), ("ln_2.bias", 8),
+                        ("attn.c_attn.weight", (8, 24)), ("attn.c_attn.bias", 24),
+                        ("attn.c_proj.weight", (8, 8)), ("attn.c_proj.bias", 8),
+                        ("mlp.c_fc.weight", (8, 32)), ("mlp.c_fc.bias", 32),
+                        ("mlp.c_proj.weight", (8, 32)), ("mlp.c_proj.bias", 8)]:  # c_proj should be (32, 8)
+        tensors[f"h.0.{name}"] = torch.zeros(shape)
+    save_file(tensors, str(shaped / "model.safetensors"))
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x").write_text("")
+
+    cases = [
+        ([tmp_path / "missing", "--out", tmp_path / "a"], "does not exist"),
+        ([src, "--out", tmp_path / "b"], "scale_attn_by_inverse_layer_idx"),
+        ([shaped, "--out", tmp_path / "c"], "h.0.mlp.c_proj.weight has shape (8, 32)"),
+        ([src, "--out", full], "--overwrite"),
+    ]
+    for args, message in cases:
+        r = cli("import-hf", *args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+        assert message in r.stderr, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "shaped", "src"]
