@@ -47,7 +47,14 @@ def _fast(slow: BPETokenizer) -> FastTokenizer:
 
 
 def _wrap(slow: BPETokenizer, fast: bool) -> Tokenizer:
-    return _fast(slow) if fast else slow
+    if not fast:
+        return slow
+    try:
+        return _fast(slow)
+    except ValueError:
+        # ids not in merge order (a vocabulary from elsewhere): tiktoken cannot express
+        # it, the from-scratch encoder can
+        return slow
 
 
 def get_tokenizer(name_or_dir: str | os.PathLike = "gpt2", fast: bool = True) -> Tokenizer:

@@ -253,7 +253,7 @@ class BPETokenizer:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / TOKENIZER_FILE
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         tmp.write_text(json.dumps(self.to_dict(), ensure_ascii=False), encoding="utf-8")
         os.replace(tmp, path)
         return path
