@@ -119,11 +119,66 @@ def load_config_file(path: str | os.PathLike) -> dict:
                         "(TOML for .toml, YAML for .yaml/.yml)") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path} must hold a table of settings (key = value)")
-    known = {f.name for f in fields(TrainConfig)}
+    return coerce_settings(raw, TrainConfig, str(path))
+
+
+def coerce_settings(raw: dict, cls=None, source: str = "config") -> dict:
+    """Check names and types of settings from a file against the dataclass `cls`.
+
+    YAML reads `6e-4` as a string and TOML may give an int for a float; numbers
+    in strings are converted, and anything else of the wrong type is an error
+    naming the setting (a string "no" must never pass as a true bool).
+    """
+    import typing
+
+    cls = cls or TrainConfig
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
     out = {}
     for key, value in raw.items():
         name = str(key).replace("-", "_")
         if name not in known:
-            raise UserError(f"{path}: unknown setting {key!r}; known settings: {', '.join(sorted(known))}")
-        out[name] = value
+            raise UserError(f"{source}: unknown setting {key!r}; known settings: {', '.join(sorted(known))}")
+        args = typing.get_args(hints[name])
+        kinds = [k for k in args if k is not type(None)] or [hints[name]]
+        out[name] = _coerce(name, value, kinds[0], source, optional=type(None) in args)
     return out
+
+
+def _coerce(name: str, value, kind: type, source: str, optional: bool):
+    if value is None and optional:
+        return None
+    bad = UserError(f"{source}: setting {name!r} must be {kind.__name__}, got {value!r}")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{source}: setting {name!r} must be true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                raise bad from None
+        raise bad
+    if kind is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    return value

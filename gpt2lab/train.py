@@ -83,9 +83,6 @@ class NonFiniteLoss(UserError):
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, dist: distributed.DistInfo):
-        from gpt2lab.data import TokenLoader, check_tokenizer, read_meta
-        from gpt2lab.tokenizer import load_tokenizer_file
-
         cfg.validate()
         self.cfg, self.dist = cfg, dist
         self.device = dist.device
@@ -93,14 +90,11 @@ class Trainer:
         self.out = Path(cfg.out)
 
         # the data and its tokenizer
-        meta = read_meta(cfg.data)
-        self.tokenizer = load_tokenizer_file(Path(cfg.data) / ckpt.TOKENIZER_FILE)
-        check_tokenizer(meta, self.tokenizer)
-        self.data_identity = {"path": str(Path(cfg.data).resolve()),
-                              "tokens": {k: v["tokens"] for k, v in meta["splits"].items()},
-                              "tokenizer_sha256": meta["tokenizer"]["sha256"]}
+        self.load_data()
 
         # where this run starts from
+        if self.out.exists() and not self.out.is_dir():
+            raise UserError(f"--out {self.out} is a file, not a directory; choose another --out")
         self.resume_from: Path | None = None
         existing = (self.out / ckpt.CONFIG_FILE).exists()
         if cfg.resume:
@@ -154,6 +148,7 @@ class Trainer:
         self.model = GPT(self.model_config)
         if cfg.init_from and not cfg.resume:
             ckpt.load_weights(self.model, Path(cfg.init_from) / ckpt.WEIGHTS_FILE)
+        self.prepare_model()
         self.model.to(self.device)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -164,10 +159,7 @@ class Trainer:
             device_type=self.device.type)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
 
-        self.train_loader = TokenLoader(cfg.data, "train", cfg.batch_size, self.seq_len,
-                                        mode=cfg.data_order, seed=cfg.seed, rank=dist.rank,
-                                        world_size=dist.world_size, device=self.device)
-        self.val_batches = self._fixed_val_batches(TokenLoader)
+        self.train_loader, self.val_batches = self.make_loaders()
 
         self.step = 0
         self.elapsed_before = 0.0
@@ -196,17 +188,50 @@ class Trainer:
                                         resume_step=self.step if self.resume_from is not None else None)
         distributed.barrier(dist)
 
-    # ------------------------------------------------------------------ helpers
+    # ------------------------------------------------- what a fine-tuning task overrides
 
-    def _fixed_val_batches(self, loader_cls) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The same validation windows at every evaluation, split across processes."""
+    def load_data(self) -> None:
+        """Set `self.tokenizer` and `self.data_identity` from `cfg.data` (a pretraining data dir)."""
+        from gpt2lab.data import check_tokenizer, read_meta
+        from gpt2lab.tokenizer import load_tokenizer_file
+
+        meta = read_meta(self.cfg.data)
+        self.tokenizer = load_tokenizer_file(Path(self.cfg.data) / ckpt.TOKENIZER_FILE)
+        check_tokenizer(meta, self.tokenizer)
+        self.data_identity = {"path": str(Path(self.cfg.data).resolve()),
+                              "tokens": {k: v["tokens"] for k, v in meta["splits"].items()},
+                              "tokenizer_sha256": meta["tokenizer"]["sha256"]}
+
+    def make_loaders(self):
+        """(train loader, fixed validation batches): random or sequential windows of the shards.
+
+        The train loader has `next_batch() -> (x, y)`, `state_dict()` and
+        `load_state_dict()`; the validation batches are the same at every
+        evaluation, and split across processes.
+        """
+        from gpt2lab.data import TokenLoader
+
+        cfg, dist = self.cfg, self.dist
+        train = TokenLoader(cfg.data, "train", cfg.batch_size, self.seq_len, mode=cfg.data_order,
+                            seed=cfg.seed, rank=dist.rank, world_size=dist.world_size, device=self.device)
         try:
-            loader = loader_cls(self.cfg.data, "val", self.cfg.batch_size, self.seq_len, mode="sequential",
-                                seed=0, rank=self.dist.rank, world_size=self.dist.world_size,
-                                device=self.device)
+            val = TokenLoader(cfg.data, "val", cfg.batch_size, self.seq_len, mode="sequential", seed=0,
+                              rank=dist.rank, world_size=dist.world_size, device=self.device)
         except UserError as e:
             raise UserError(f"validation split: {e}") from None
-        return [loader.next_batch() for _ in range(self.cfg.eval_batches)]
+        return train, [val.next_batch() for _ in range(cfg.eval_batches)]
+
+    def prepare_model(self) -> None:
+        """Change the model before training starts (fine-tuning wraps layers, freezes weights)."""
+
+    def extra_config(self) -> dict:
+        """More entries for the run's config.json."""
+        return {}
+
+    def save_final(self) -> None:
+        ckpt.save_weights(self.model, self.out / ckpt.WEIGHTS_FILE)
+
+    # ------------------------------------------------------------------ helpers
 
     def _autocast(self):
         if self.dtype == torch.float32:
@@ -219,7 +244,7 @@ class Trainer:
                      grad_accum=self.grad_accum, min_lr=self.min_lr, world_size=self.dist.world_size,
                      dtype=str(self.dtype).replace("torch.", ""), device=str(self.device))
         ckpt.write_run_config(self.out, self.model_config, tokenizer_identity=self.tokenizer.identity(),
-                              train=train, data=self.data_identity)
+                              train=train, data=self.data_identity, extra=self.extra_config())
 
     def _rng_state(self) -> dict:
         state = {"torch": torch.get_rng_state(), "python": random.getstate()}
@@ -387,7 +412,7 @@ class Trainer:
 
         result.final_val_loss = result.val_losses[-1] if result.val_losses else self.evaluate()
         if main:
-            ckpt.save_weights(self.model, self.out / ckpt.WEIGHTS_FILE)
+            self.save_final()
             self.logger.close()
         return result
 
