@@ -34,10 +34,34 @@ ALPACA = Template(
     stop=("\n### ",),
 )
 
-TEMPLATES = {t.name: t for t in (ALPACA,)}
 
 
-def get_template(name: str | None) -> Template | None:
+@dataclass(frozen=True)
+class ChatTemplate:
+    """Conversations as plain text turns: '### User:' ... '### Assistant:' ...
+
+    GPT-2's vocabulary has one special token, so the turn markers are
+    ordinary text; <|endoftext|> ends each assistant turn during training.
+    """
+
+    name: str = "chat"
+    assistant_prefix: str = "### Assistant:\n"
+    turn_end: str = "\n\n"
+    stop: tuple[str, ...] = ("\n### ",)
+
+    def render_turn(self, role: str, content: str) -> str:
+        return f"### {role.capitalize()}:\n{content}{self.turn_end}"
+
+    def render(self, instruction: str, input: str = "") -> str:
+        text = instruction if not input else f"{instruction}\n\n{input}"
+        return self.render_turn("user", text) + self.assistant_prefix
+
+
+CHAT = ChatTemplate()
+TEMPLATES = {t.name: t for t in (ALPACA, CHAT)}
+
+
+def get_template(name: str | None) -> Template | ChatTemplate | None:
     if name is None:
         return None
     if name not in TEMPLATES:

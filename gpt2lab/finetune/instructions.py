@@ -1,0 +1,182 @@
+"""An instruction set built from what exists offline, and the numbers that judge SFT.
+
+No Alpaca-style set ships with gpt2lab, so `build_instruction_set` makes one:
+
+- checkable tasks generated here, whose answers can be compared exactly:
+  arithmetic, spelling a word backwards, counting a letter, copying a
+  sentence with one word replaced;
+- question/answer material converted into records: ChatterBot's Q/A
+  dialogues, GSM8K problems (worked answers), SQuAD passages and questions.
+
+Records are split into train and held-out deterministically. `score_sft`
+measures a model on held-out records: the response loss (mean cross-entropy
+of the response and its end-of-text token given the prompt), exact-match
+accuracy on the checkable tasks, and how often greedy decoding stops cleanly
+(emits <|endoftext|> or the template's stop text) before the token limit.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+import random
+from pathlib import Path
+
+import torch
+
+from gpt2lab.errors import UserError
+
+WORDS = (
+    "apple river garden window yellow silver castle market winter summer pencil candle forest "
+    "rabbit dragon planet letter button mirror orange purple bridge island jungle ladder meadow "
+    "rocket saddle tunnel violin wizard harbor pepper copper bottle basket cotton dinner engine "
+    "flower hammer kettle lemon monkey needle pillow puzzle shadow spider tomato turtle wallet"
+).split()
+NOUNS_SENTENCES = (
+    "the cat sat on the mat", "a bird sang in the tree", "the boy kicked the red ball",
+    "my sister reads a long book", "the farmer feeds the hungry cows", "a ship sailed across the sea",
+    "the baker sells fresh bread", "our teacher wrote on the board", "the dog chased a small cat",
+    "the wind moved the old door",
+)
+
+
+def synthetic_tasks(n: int, seed: int = 0) -> list[dict]:
+    """`n` records of four kinds, each with an exactly checkable `output` (kind in `task`)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        kind = ("add", "reverse", "count", "replace")[i % 4]
+        if kind == "add":
+            a, b = rng.randint(0, 99), rng.randint(0, 99)
+            op = rng.choice(["+", "-"])
+            rec = {"instruction": f"What is {a} {op} {b}?", "output": str(a + b if op == "+" else a - b)}
+        elif kind == "reverse":
+            w = rng.choice(WORDS)
+            rec = {"instruction": "Spell the word backwards.", "input": w, "output": w[::-1]}
+        elif kind == "count":
+            w = rng.choice(WORDS)
+            letter = rng.choice(sorted(set(w)))
+            rec = {"instruction": f"How many times does the letter '{letter}' appear in the word?",
+                   "input": w, "output": str(w.count(letter))}
+        else:
+            sentence = rng.choice(NOUNS_SENTENCES)
+            old = rng.choice([t for t in sentence.split() if len(t) > 2])
+            new = rng.choice(WORDS)
+            rec = {"instruction": f"Repeat the sentence, replacing '{old}' with '{new}'.",
+                   "input": sentence, "output": " ".join(new if t == old else t for t in sentence.split())}
+        rec["task"] = kind
+        out.append(rec)
+    return out
+
+
+def qa_records(source: str | os.PathLike) -> list[dict]:
+    """Instruction records from the Q/A files of a folder like shared/data/instruction."""
+    import yaml
+
+    source = Path(source)
+    if not source.is_dir():
+        raise UserError(f"{source} is not a directory of Q/A material; pass --source DIR")
+    out: list[dict] = []
+    for path in sorted((source / "chatterbot").glob("*.yml")):
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        for conv in data.get("conversations", []):
+            if len(conv) >= 2 and all(isinstance(t, str) for t in conv[:2]):
+                out.append({"instruction": conv[0].strip(), "output": conv[1].strip(), "task": "chatterbot"})
+    gsm = source / "gsm8k_test.jsonl.gz"
+    if gsm.exists():
+        with gzip.open(gsm, "rt", encoding="utf-8") as f:
+            for line in f:
+                r = json.loads(line)
+                answer = r["answer"].split("####")[-1].strip()
+                out.append({"instruction": r["question"].strip(), "output": answer, "task": "gsm8k"})
+    squad = source / "squad_val_1000.jsonl.gz"
+    if squad.exists():
+        with gzip.open(squad, "rt", encoding="utf-8") as f:
+            for line in f:
+                r = json.loads(line)
+                query = r["query"].split("\nBackground: ", 1)[-1]
+                passage, _, question = query.partition("\nQuestion: ")
+                question = question.split("\nAnswer:")[0].strip()
+                out.append({"instruction": "Answer the question about the passage in a few words.",
+                            "input": f"{passage.strip()}\n\nQuestion: {question}",
+                            "output": r["answers_text"][0].strip(), "task": "squad"})
+    if not out:
+        raise UserError(f"{source} holds no chatterbot/*.yml, gsm8k_test.jsonl.gz or squad_val_1000.jsonl.gz")
+    return out
+
+
+def build_instruction_set(out_dir: str | os.PathLike, source: str | os.PathLike | None = None,
+                          synthetic: int = 4000, heldout_fraction: float = 0.1, seed: int = 0) -> dict:
+    """Write train.jsonl and heldout.jsonl; return their sizes per task."""
+    records = synthetic_tasks(synthetic, seed)
+    if source is not None:
+        records += qa_records(source)
+    rng = random.Random(seed)
+    rng.shuffle(records)
+    n_held = max(1, int(len(records) * heldout_fraction))
+    held, train = records[:n_held], records[n_held:]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train.jsonl", train), ("heldout.jsonl", held)):
+        tmp = out / f".{name}.tmp-{os.getpid()}"
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        os.replace(tmp, out / name)
+    counts = {}
+    for split, rows in (("train", train), ("heldout", held)):
+        for r in rows:
+            counts.setdefault(split, {}).setdefault(r["task"], 0)
+            counts[split][r["task"]] += 1
+    return counts
+
+
+CHECKABLE = ("add", "reverse", "count", "replace")
+
+
+@torch.no_grad()
+def score_sft(model, tokenizer, records: list[dict], template, max_new_tokens: int = 32,
+              limit: int | None = None) -> dict:
+    """Response loss, exact match on checkable tasks, clean-stop rate; per task and overall."""
+    from gpt2lab.finetune.sft import collate, encode_record
+    from gpt2lab.generate import generate
+    from gpt2lab.train import lm_loss
+
+    model.eval()
+    device = next(model.parameters()).device
+    records = records[:limit] if limit else records
+    block = model.config.block_size
+    stats: dict[str, dict] = {}
+    for r in records:
+        s = stats.setdefault(r.get("task", "other"), {"n": 0, "loss": 0.0, "correct": 0, "clean": 0})
+        s["n"] += 1
+        enc = encode_record(r, template, tokenizer, block - 1)
+        if enc is not None:
+            x, y = collate([enc], tokenizer.eot_id, device)
+            s["loss"] += lm_loss(model(x), y).item()
+        prompt = tokenizer.encode(template.render(r["instruction"], r.get("input", "") or ""))[-(block - 1):]
+        room = min(max_new_tokens, block - len(prompt))
+        ids = generate(model, prompt, room, temperature=0, eot_id=None)
+        stop_at = len(ids)
+        if tokenizer.eot_id in ids:
+            stop_at = ids.index(tokenizer.eot_id)
+        text = tokenizer.decode(ids[:stop_at])
+        cut = min([text.find(t) for t in template.stop if t in text], default=-1)
+        if cut >= 0:
+            text = text[:cut]
+        s["clean"] += stop_at < len(ids) or cut >= 0
+        s["correct"] += text.strip() == r["output"].strip()
+    table = {}
+    total = {"n": 0, "loss": 0.0, "correct": 0, "clean": 0, "checkable": 0}
+    for task, s in sorted(stats.items()):
+        table[task] = {"n": s["n"], "response_loss": s["loss"] / s["n"],
+                       "exact_match": s["correct"] / s["n"], "clean_stop": s["clean"] / s["n"]}
+        for k in ("n", "loss", "correct", "clean"):
+            total[k] += s[k]
+    checkable = [stats[t] for t in CHECKABLE if t in stats]
+    n_check = sum(s["n"] for s in checkable)
+    table["all"] = {"n": total["n"], "response_loss": total["loss"] / max(1, total["n"]),
+                    "exact_match_checkable": (sum(s["correct"] for s in checkable) / n_check
+                                              if n_check else math.nan),
+                    "clean_stop": total["clean"] / max(1, total["n"])}
+    return table
