@@ -357,7 +357,7 @@ def test_config_file_value_of_the_wrong_type(tiny_data, tmp_path, capsys, monkey
     path = tmp_path / f"run.{suffix}"
     path.write_text(text)
     out = tmp_path / "run"
-    argv = cli_args(tiny_data, out, max_steps=2, sample_tokens=1, **{field: None})  # the file sets `field`
+    argv = cli_args(tiny_data, out, **{"max_steps": 2, "sample_tokens": 1, field: None})  # the file sets it
     code = None
     try:
         cli.main(["pretrain", "--config", str(path), *argv[1:]])
