@@ -1,0 +1,323 @@
+"""LoRA: low-rank adapters for the linear layers of a frozen model (Hu et al., 2021).
+
+A fine-tuned weight is written as the pretrained one plus a low-rank change:
+
+    W' = W + (alpha / r) * B @ A        W: (out, in)   B: (out, r)   A: (r, in),  r << min(in, out)
+
+Only A and B train, r * (in + out) numbers per wrapped layer instead of in * out.
+A starts random and B at zero, so at initialisation B @ A = 0 and the wrapped
+model computes exactly what the base model does. Once trained, the product can
+be folded into W (`merge_lora`) and the model is an ordinary GPT again, with no
+cost at inference.
+
+`LoRALinear` holds the base layer's own `weight` and `bias` parameters, so the
+state dict keeps the base model's names (`transformer.h.0.attn.c_attn.weight`)
+and only adds `...c_attn.lora_A` / `...c_attn.lora_B`: the base weights load and
+save with the ordinary run-dir functions, the adapters on their own.
+
+A run dir trained with LoRA holds
+
+    model.safetensors   the base weights, unchanged (plus a classifier head, for `task: classify`)
+    lora.safetensors    the adapters alone (the lora_A / lora_B tensors)
+    config.json         ... "lora": {"rank", "alpha", "dropout", "targets"}
+
+`load_lora_run` rebuilds such a model; `gpt2lab merge-lora` folds the adapters in
+and writes an ordinary run dir.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from gpt2lab import checkpoint as ckpt
+from gpt2lab.errors import UserError
+
+LORA_FILE = "lora.safetensors"
+DEFAULT_TARGETS = ("c_attn", "c_proj", "c_fc")  # with suffix matching: every linear layer of a block
+
+
+class LoRALinear(nn.Module):
+    """y = x W^T + b + (alpha / r) * dropout(x) A^T B^T, with W and b frozen."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        if not isinstance(r, int) or r < 1:
+            raise ValueError(f"LoRA rank must be a positive integer, got {r!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.rank, self.alpha, self.scale = r, float(alpha), float(alpha) / r
+        # the very parameters of the base layer: same names in the state dict, no copy
+        self.weight = base.weight
+        self.bias = base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        factory = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **factory))
+        # A as nn.Linear initialises its weight; B = 0 makes the adapter a no-op at first
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = F.linear(x, self.weight, self.bias)
+        # (.., in) -> (.., r) -> (.., out): never forms the (out, in) product
+        update = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
+        return base + self.scale * update
+
+    def delta_weight(self) -> torch.Tensor:
+        """The change this adapter makes to W, (out, in), computed in float32."""
+        return self.scale * (self.lora_B.float() @ self.lora_A.float())
+
+    def merged(self) -> nn.Linear:
+        """An ordinary nn.Linear computing what this layer computes (dropout off)."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        linear.weight.requires_grad_(self.weight.requires_grad)
+        if self.bias is not None:
+            linear.bias.requires_grad_(self.bias.requires_grad)
+        return linear
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"alpha={self.alpha:g}")
+
+
+# ------------------------------------------------------------------------ choosing layers
+
+
+def _search_root(model: nn.Module) -> tuple[str, nn.Module]:
+    """Adapters go into the transformer only: never the (tied) LM head or a classifier head."""
+    if hasattr(model, "transformer"):
+        return "transformer.", model.transformer
+    return "", model
+
+
+def _matches(name: str, target: str) -> bool:
+    """`target` names the layer itself by a dotted suffix ("c_fc", "mlp.c_proj", "h.0.attn.c_attn")
+    or a module that contains it ("attn", "mlp", "h.3")."""
+    dotted = "." + name + "."
+    return ("." + target + ".") in dotted
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """Qualified names (below `transformer.`) of the linear layers LoRA could wrap."""
+    _, root = _search_root(model)
+    return [n for n, m in root.named_modules() if isinstance(m, (nn.Linear, LoRALinear))]
+
+
+def _short_names(names: Iterable[str]) -> list[str]:
+    """'h.0.attn.c_attn' -> 'attn.c_attn': the names a user would type, once each."""
+    return sorted({".".join(n.split(".")[-2:]) for n in names})
+
+
+def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
+               targets: Iterable[str] = DEFAULT_TARGETS) -> nn.Module:
+    """Replace the targeted nn.Linear layers by LoRALinear in place and freeze everything else.
+
+    A target matches a layer whose name ends with it ("c_proj" is both attn.c_proj
+    and mlp.c_proj; "mlp.c_proj" only the MLP's) or a module holding it ("attn",
+    "mlp", "h.11"). Afterwards only the lora_A / lora_B parameters have
+    requires_grad; unfreeze a head yourself if it should train too.
+    """
+    targets = tuple(targets)
+    if not targets:
+        raise UserError("no LoRA targets given; name layers such as c_attn, c_proj, c_fc, mlp.c_proj")
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise UserError("the model already has LoRA adapters; merge them (`merge_lora`) before adding others")
+    _, root = _search_root(model)
+    chosen = {}
+    for name, module in root.named_modules():
+        if isinstance(module, nn.Linear) and any(_matches(name, t) for t in targets):
+            chosen[name] = module
+    unmatched = [t for t in targets if not any(_matches(n, t) for n in chosen)]
+    if unmatched:
+        raise UserError(f"LoRA target(s) {unmatched} match no linear layer; the model has "
+                        f"{', '.join(_short_names(linear_names(model)))} (or use attn, mlp, h.N)")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, module in chosen.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = root.get_submodule(parent_name) if parent_name else root
+        setattr(parent, child, LoRALinear(module, rank, alpha, dropout))
+    model.lora_settings = {"rank": rank, "alpha": float(alpha), "dropout": float(dropout),
+                           "targets": list(targets)}
+    return model
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its weight (W += alpha/r * B A); the model is an ordinary one again."""
+    for name, layer in lora_layers(model).items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer.merged())
+    if hasattr(model, "lora_settings"):
+        del model.lora_settings
+    return model
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors alone, by their names in the model's state dict."""
+    return {k: v for k, v in model.state_dict().items() if k.endswith((".lora_A", ".lora_B"))}
+
+
+def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Everything but the adapters (and the tied LM head): what model.safetensors holds."""
+    return {k: v for k, v in model.state_dict().items()
+            if not k.endswith((".lora_A", ".lora_B")) and k not in ckpt.TIED}
+
+
+def count_trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ------------------------------------------------------------------------ files
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                 metadata: dict[str, str] | None = None) -> None:
+    """safetensors, written atomically (temporary name, fsync, rename)."""
+    path = Path(path)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(tensors, str(tmp), metadata={"format": "pt", **(metadata or {})})
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_lora(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write the adapters (only) to `path`; the settings go into the file's metadata too."""
+    tensors = lora_state_dict(model)
+    if not tensors:
+        raise ValueError("the model has no LoRA adapters to save; call apply_lora first")
+    settings = getattr(model, "lora_settings", None)
+    save_tensors(tensors, path, {"lora": json.dumps(settings)} if settings else None)
+
+
+def load_lora(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load adapters saved by `save_lora` into a model that `apply_lora` prepared the same way."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; a LoRA run dir holds its adapters in {LORA_FILE}")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path} cannot be read as safetensors ({e}); the file is corrupt") from None
+    expected = lora_state_dict(model)
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise UserError(f"{path} does not fit the model's adapters (missing {missing[:3]}, unexpected "
+                        f"{unexpected[:3]}); the rank or targets in config.json differ from the file's")
+    for k, v in expected.items():
+        if state[k].shape != v.shape:
+            raise UserError(f"{path}: adapter {k} has shape {tuple(state[k].shape)}, the model expects "
+                            f"{tuple(v.shape)}; the rank in config.json differs from the file's")
+    model.load_state_dict(state, strict=False)
+
+
+def save_lora_run_weights(model: nn.Module, run_dir: str | os.PathLike) -> None:
+    """model.safetensors (the base, and any head) plus lora.safetensors (the adapters)."""
+    run_dir = Path(run_dir)
+    save_tensors(base_state_dict(model), run_dir / ckpt.WEIGHTS_FILE)
+    save_lora(model, run_dir / LORA_FILE)
+
+
+def check_lora_config(settings) -> dict:
+    """The "lora" entry of config.json, validated."""
+    try:
+        rank, alpha = settings["rank"], float(settings["alpha"])
+        dropout, targets = float(settings.get("dropout", 0.0)), list(settings["targets"])
+        if not isinstance(rank, int) or rank < 1 or not targets:
+            raise ValueError("rank must be a positive integer and targets non-empty")
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"the \"lora\" entry of config.json is malformed ({e}); expected "
+                        "{rank, alpha, dropout, targets}") from None
+    return {"rank": rank, "alpha": alpha, "dropout": dropout, "targets": targets}
+
+
+# ------------------------------------------------------------------------ run dirs
+
+
+def build_run_model(cfg: dict, run_dir: Path) -> nn.Module:
+    """The empty model a run config describes: a GPT, or a GPTClassifier for task "classify"."""
+    from gpt2lab.model import GPT, GPTConfig
+
+    try:
+        model_config = GPTConfig.from_dict(cfg["model"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{run_dir / ckpt.CONFIG_FILE} has an invalid model config ({e})") from None
+    if cfg.get("task") == "classify":
+        from gpt2lab.finetune.classify import GPTClassifier, check_head
+
+        return GPTClassifier(model_config, len(check_head(cfg, run_dir)))
+    return GPT(model_config)
+
+
+def load_lora_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", merge: bool = False,
+                  fast_tokenizer: bool = True):
+    """(model, tokenizer) of any run dir, with or without adapters, LM or classifier.
+
+    With "lora" in config.json, the base weights come from model.safetensors and
+    the adapters from lora.safetensors; `merge=True` folds them in.
+    """
+    from gpt2lab.tokenizer import load_tokenizer_file
+
+    run_dir = Path(run_dir)
+    cfg = ckpt.read_run_config(run_dir)
+    model = build_run_model(cfg, run_dir)
+    tokenizer = load_tokenizer_file(run_dir / ckpt.TOKENIZER_FILE, fast=fast_tokenizer)
+    ckpt.load_weights(model, run_dir / ckpt.WEIGHTS_FILE)
+    if cfg.get("lora"):
+        settings = check_lora_config(cfg["lora"])
+        apply_lora(model, settings["rank"], settings["alpha"], settings["dropout"], settings["targets"])
+        load_lora(model, run_dir / LORA_FILE)
+        if merge:
+            merge_lora(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.to(device).eval(), tokenizer
+
+
+def merge_lora_run(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write `out`: the run in `run_dir` with its adapters folded in, an ordinary run dir."""
+    run_dir, out = Path(run_dir), Path(out)
+    cfg = ckpt.read_run_config(run_dir)
+    if not cfg.get("lora"):
+        raise UserError(f"{run_dir} has no LoRA adapters (no \"lora\" entry in config.json); "
+                        "it is already an ordinary run dir")
+    if out.resolve() == run_dir.resolve():
+        raise UserError(f"--out {out} is the run dir itself; write the merged run to a new directory")
+    if (out / ckpt.CONFIG_FILE).exists():
+        raise UserError(f"{out} already holds a run; choose another --out or delete it")
+    model, _ = load_lora_run(run_dir, merge=True)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(run_dir / ckpt.TOKENIZER_FILE, out / ckpt.TOKENIZER_FILE)
+    for extra in ("results.json",):
+        if (run_dir / extra).is_file():
+            shutil.copyfile(run_dir / extra, out / extra)
+    save_tensors(base_state_dict(model), out / ckpt.WEIGHTS_FILE)
+    merged = {k: v for k, v in cfg.items() if k != "lora"}
+    merged["merged_lora"] = {"from": str(run_dir.resolve()), **cfg["lora"]}
+    ckpt.write_json(out / ckpt.CONFIG_FILE, merged)  # last: the run dir is complete once it exists
+    return out
