@@ -124,6 +124,17 @@ class Trainer:
                                     f"(`gpt2lab prepare --tokenizer {cfg.init_from}`)")
             else:
                 self.model_config = build_model_config(cfg, self.tokenizer.vocab_size)
+        if cfg.resume or cfg.init_from:
+            # the model comes from a run: a size flag that disagrees with it cannot be honoured
+            source = "the run being resumed" if cfg.resume else f"--init-from {cfg.init_from}"
+            for name in MODEL_FIELDS:
+                given = getattr(cfg, name)
+                if given is not None and name != "dropout" and given != getattr(self.model_config, name):
+                    raise UserError(f"--{name.replace('_', '-')} {given} disagrees with {source} "
+                                    f"({getattr(self.model_config, name)}); drop the flag")
+            if cfg.dropout is not None and cfg.dropout != self.model_config.dropout:
+                self.model_config = GPTConfig.from_dict({**self.model_config.to_dict(),
+                                                         "dropout": cfg.dropout})
         if self.model_config.vocab_size < self.tokenizer.vocab_size:
             raise UserError(f"the model's vocabulary ({self.model_config.vocab_size}) is smaller than "
                             f"the tokenizer's ({self.tokenizer.vocab_size})")
