@@ -142,6 +142,13 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", wei
 
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
+    if cfg.get("task") == "classify":
+        raise UserError(f"{run_dir} is a classifier, not a language model; use `gpt2lab classify {run_dir}`")
+    if cfg.get("lora") and weights is None:
+        # base weights plus adapters: fold them in for inference
+        from gpt2lab.finetune.lora import load_lora_run
+
+        return load_lora_run(run_dir, device=device, merge=True, fast_tokenizer=fast_tokenizer)
     try:
         model_config = GPTConfig.from_dict(cfg["model"])
     except (KeyError, TypeError, ValueError) as e:
