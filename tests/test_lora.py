@@ -181,6 +181,10 @@ def test_lora_run_dir_loads_and_merges(tmp_path, capsys):
     model, _ = load_lora_run(tmp_path / "run")
     assert len(lora_layers(model)) == 3 * CFG.n_layer
     torch.testing.assert_close(model(idx), expected, atol=0, rtol=0)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(lora_state_dict(model))
+    merged, _ = load_lora_run(tmp_path / "run", merge=True)
+    assert not lora_layers(merged) and all(p.requires_grad for p in merged.parameters())
+    torch.testing.assert_close(merged(idx), expected, atol=1e-5, rtol=0)
 
     # the CLI: an ordinary run dir comes out, loadable without knowing about LoRA
     with pytest.raises(SystemExit) as e:

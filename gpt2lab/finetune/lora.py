@@ -279,7 +279,10 @@ def load_lora_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu"
     """(model, tokenizer) of any run dir, with or without adapters, LM or classifier.
 
     With "lora" in config.json, the base weights come from model.safetensors and
-    the adapters from lora.safetensors; `merge=True` folds them in.
+    the adapters from lora.safetensors; `merge=True` folds them in. As after
+    `apply_lora`, only the adapters of an unmerged model have requires_grad; any
+    other model comes back with every parameter trainable, as `checkpoint.load_run`
+    returns it.
     """
     from gpt2lab.tokenizer import load_tokenizer_file
 
@@ -294,8 +297,8 @@ def load_lora_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu"
         load_lora(model, run_dir / LORA_FILE)
         if merge:
             merge_lora(model)
-    for p in model.parameters():
-        p.requires_grad_(False)
+            for p in model.parameters():
+                p.requires_grad_(True)
     return model.to(device).eval(), tokenizer
 
 
