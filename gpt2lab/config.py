@@ -69,7 +69,7 @@ class TrainConfig:
         if not self.out:
             raise UserError("no run directory given; pass --out DIR")
         positive = ["max_steps", "batch_size", "eval_every", "eval_batches", "log_every",
-                    "checkpoint_every", "sample_tokens"]
+                    "checkpoint_every"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -77,7 +77,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-        for name in ("warmup_steps", "sample_every", "keep_checkpoints"):
+        for name in ("warmup_steps", "sample_every", "sample_tokens", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -97,7 +97,7 @@ class TrainConfig:
                             "another's weights: use one of them")
 
 
-def load_config_file(path: str | os.PathLike) -> dict:
+def load_config_file(path: str | os.PathLike, cls=None) -> dict:
     """A TOML or YAML file of TrainConfig fields (`max_steps = 100`, dashes allowed)."""
     path = Path(path)
     if not path.is_file():
@@ -119,7 +119,7 @@ def load_config_file(path: str | os.PathLike) -> dict:
                         "(TOML for .toml, YAML for .yaml/.yml)") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path} must hold a table of settings (key = value)")
-    return coerce_settings(raw, TrainConfig, str(path))
+    return coerce_settings(raw, cls or TrainConfig, str(path))
 
 
 def coerce_settings(raw: dict, cls=None, source: str = "config") -> dict:
@@ -182,3 +182,28 @@ def _coerce(name: str, value, kind: type, source: str, optional: bool):
             return value
         raise bad
     return value
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    init: str = ""  # the run dir to fine-tune (trained here or imported)
+    val_data: str | None = None  # held-out records; default: a share of --data
+    val_fraction: float = 0.1
+    template: str = "alpaca"  # chat records always use the "chat" template
+    epochs: float | None = None  # overrides max_steps when given
+    lora_rank: int = 0  # 0: train all weights
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "c_attn,c_proj,c_fc"
+
+    def validate(self) -> None:
+        if not self.init:
+            raise UserError("no model to fine-tune; pass --init RUN_DIR (from `gpt2lab pretrain` or "
+                            "`gpt2lab import-hf`)")
+        super().validate()
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise UserError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.epochs is not None and self.epochs <= 0:
+            raise UserError(f"--epochs must be positive, got {self.epochs}")
+        if self.lora_rank < 0:
+            raise UserError(f"--lora-rank must be >= 0, got {self.lora_rank}")

@@ -1,4 +1,4 @@
-"""`gpt2lab finetune classify`, `gpt2lab classify` and `gpt2lab merge-lora`."""
+"""`gpt2lab finetune classify|sft|instructions`, `gpt2lab classify` and `gpt2lab merge-lora`."""
 
 from __future__ import annotations
 
@@ -96,8 +96,56 @@ def cmd_merge_lora(args) -> int:
     return 0
 
 
+_SFT_SKIP = ("model", "n_layer", "n_head", "n_embd", "block_size", "bias", "pad_vocab_multiple", "init_from",
+             "data_order")
+_SFT_HELP = {
+    "data": "instruction records: Alpaca JSON/JSONL (instruction, input, output) or chat JSONL (messages)",
+    "out": "the run dir to write",
+    "init": "the run dir to fine-tune (from `gpt2lab pretrain` or `gpt2lab import-hf`)",
+    "val_data": "held-out records (default: every k-th record of --data, k = 1/--val-fraction)",
+    "val_fraction": "share of --data held out when --val-data is not given",
+    "template": "prompt template: alpaca or chat (chat records always use chat)",
+    "seq_len": "tokens per example, prompt and response together (default: the model's context)",
+    "epochs": "passes over the training records (overrides --max-steps)",
+    "lora_rank": "train LoRA adapters of this rank instead of all weights (0: off)",
+    "lora_alpha": "LoRA scale numerator (the update is alpha/rank * B A)",
+    "lora_dropout": "dropout on the LoRA input",
+    "lora_targets": "comma-separated layers to adapt: c_attn, c_proj, c_fc, attn, mlp, h.N",
+    "lr": "peak learning rate (default 6e-4; 1e-4 to 5e-5 suits full fine-tuning)",
+}
+
+
+def cmd_finetune_sft(args) -> int:
+    from gpt2lab.cli.train import resolve_config
+    from gpt2lab.config import SFTConfig
+    from gpt2lab.finetune.sft import finetune_sft
+
+    cfg = resolve_config(args, SFTConfig)
+    result = finetune_sft(cfg)
+    if result.final_val_loss is not None:
+        print(f"final val loss {result.final_val_loss:.4f} (response tokens only)")
+    print(f"try it: gpt2lab chat {result.run_dir} -p \"...\"")
+    return 0
+
+
+def cmd_instructions(args) -> int:
+    from gpt2lab.finetune.instructions import build_instruction_set
+
+    counts = build_instruction_set(args.out, args.source, synthetic=args.synthetic,
+                                   heldout_fraction=args.heldout_fraction, seed=args.seed)
+    for split, per_task in counts.items():
+        total = sum(per_task.values())
+        detail = ", ".join(f"{k} {v}" for k, v in sorted(per_task.items()))
+        print(f"{split}: {total} records ({detail})")
+    print(f"wrote {args.out}/train.jsonl and {args.out}/heldout.jsonl")
+    return 0
+
+
 def register(sub) -> None:
-    ft = sub.add_parser("finetune", help="fine-tune a run dir (classify)",
+    from gpt2lab.cli.train import add_train_flags
+    from gpt2lab.config import SFTConfig
+
+    ft = sub.add_parser("finetune", help="fine-tune a run dir (classify, sft)",
                         description="Fine-tune a pretrained or imported run dir; writes a new run dir.")
     ft_sub = ft.add_subparsers(dest="finetune_command", metavar="TASK", parser_class=Parser)
     ft_sub.required = True
@@ -154,6 +202,26 @@ def register(sub) -> None:
     o.add_argument("--seed", type=int, help="seed of the splits, the head and the batch order (default 123)")
     o.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     c.set_defaults(func=cmd_finetune_classify)
+
+    t = ft_sub.add_parser("sft", help="instruction fine-tuning on Alpaca or chat records",
+                          description="Instruction fine-tuning: the loss is on response tokens only, an "
+                          "<|endoftext|> ends each response, the template is stored in the run dir for "
+                          "`gpt2lab chat`. Settings: defaults, then --config, then flags.")
+    t.add_argument("--config", default=None, help="a TOML or YAML file of settings")
+    add_train_flags(t, SFTConfig, skip=_SFT_SKIP, helps=_SFT_HELP)
+    t.set_defaults(func=cmd_finetune_sft)
+
+    i = ft_sub.add_parser("instructions", help="build an instruction set from Q/A and checkable tasks",
+                          description="Write train.jsonl and heldout.jsonl: generated tasks with exactly "
+                          "checkable answers (arithmetic, spelling backwards, letter counts, copying with a "
+                          "change) plus, with --source, Q/A material converted to instructions.")
+    i.add_argument("--out", required=True, help="directory for train.jsonl and heldout.jsonl")
+    i.add_argument("--source", default=None, help="a folder with chatterbot/*.yml, gsm8k_test.jsonl.gz, "
+                   "squad_val_1000.jsonl.gz")
+    i.add_argument("--synthetic", type=int, default=4000, help="generated checkable records (default 4000)")
+    i.add_argument("--heldout-fraction", type=_fraction, default=0.1, help="held-out share (default 0.1)")
+    i.add_argument("--seed", type=int, default=0, help="seed of the generated tasks and the split")
+    i.set_defaults(func=cmd_instructions)
 
     k = sub.add_parser("classify", help="label texts with a classifier run dir",
                        description="Print one JSON object per text: {\"label\": ..., \"probs\": {label: p}}.")

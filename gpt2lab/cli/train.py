@@ -45,19 +45,23 @@ _TRAIN_HELP = {
 }
 
 
-def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field; defaults are None so that only given flags override."""
+def add_train_flags(p: argparse.ArgumentParser, cls=None, skip: tuple[str, ...] = (),
+                    helps: dict[str, str] | None = None) -> None:
+    """One flag per field of a TrainConfig (sub)class; defaults are None so only given flags override."""
     import typing
 
     from gpt2lab.config import TrainConfig
 
-    hints = typing.get_type_hints(TrainConfig)
-    for f in TrainConfig.__dataclass_fields__.values():
+    cls = cls or TrainConfig
+    hints = typing.get_type_hints(cls)
+    for f in cls.__dataclass_fields__.values():
+        if f.name in skip:
+            continue
         flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
         base = [a for a in typing.get_args(kind) if a is not type(None)] or [kind]
         base = base[0]
-        help_text = _TRAIN_HELP.get(f.name, "")
+        help_text = {**_TRAIN_HELP, **(helps or {})}.get(f.name, "")
         if f.default is not None and f.default != "":
             help_text += f" (default {f.default})"
         if base is bool:
@@ -67,21 +71,28 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                            metavar=f.name.upper() if base is str else None)
 
 
-def cmd_pretrain(args) -> int:
+def resolve_config(args, cls):
+    """Defaults, then the --config file, then the flags given, as a `cls` instance."""
     from dataclasses import fields as dc_fields
 
-    from gpt2lab.config import TrainConfig, load_config_file
-    from gpt2lab.train import pretrain
+    from gpt2lab.config import load_config_file
 
-    values = load_config_file(args.config) if args.config else {}
-    for f in dc_fields(TrainConfig):
-        given = getattr(args, f.name)
+    values = load_config_file(args.config, cls) if args.config else {}
+    for f in dc_fields(cls):
+        given = getattr(args, f.name, None)
         if given is not None:
             values[f.name] = given
     try:
-        cfg = TrainConfig(**values)
+        return cls(**values)
     except TypeError as e:
         raise ValueError(f"bad training config: {e}") from None
+
+
+def cmd_pretrain(args) -> int:
+    from gpt2lab.config import TrainConfig
+    from gpt2lab.train import pretrain
+
+    cfg = resolve_config(args, TrainConfig)
     result = pretrain(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         _after_training(result, cfg)
@@ -118,7 +129,7 @@ def register(sub) -> None:
                        description="Pretrain a GPT-2. Settings come from the defaults, then --config "
                        "(TOML or YAML with the same names as the flags), then the flags.")
     t.add_argument("--config", default=None, help="a TOML or YAML file of settings")
-    _add_train_flags(t)
+    add_train_flags(t)
     t.set_defaults(func=cmd_pretrain)
 
     pl = sub.add_parser("plot", help="plot a run's loss and learning-rate curves to a PNG")

@@ -25,43 +25,16 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from gpt2lab import checkpoint as ckpt
-from gpt2lab.config import TrainConfig
+from gpt2lab.config import SFTConfig
 from gpt2lab.errors import UserError
 from gpt2lab.templates import get_template
 from gpt2lab.train import IGNORE_INDEX, Trainer
-
-
-@dataclass
-class SFTConfig(TrainConfig):
-    init: str = ""  # the run dir to fine-tune (trained here or imported)
-    val_data: str | None = None  # held-out records; default: a share of --data
-    val_fraction: float = 0.1
-    template: str = "alpaca"  # chat records always use the "chat" template
-    epochs: float | None = None  # overrides max_steps when given
-    lora_rank: int = 0  # 0: train all weights
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: str = "c_attn,c_proj,c_fc"
-
-    def validate(self) -> None:
-        if not self.init:
-            raise UserError("no model to fine-tune; pass --init RUN_DIR (from `gpt2lab pretrain` or "
-                            "`gpt2lab import-hf`)")
-        super().validate()
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise UserError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        if self.epochs is not None and self.epochs <= 0:
-            raise UserError(f"--epochs must be positive, got {self.epochs}")
-        if self.lora_rank < 0:
-            raise UserError(f"--lora-rank must be >= 0, got {self.lora_rank}")
-
 
 # ------------------------------------------------------------------------------ records
 
