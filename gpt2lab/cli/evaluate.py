@@ -1,5 +1,102 @@
-"""Placeholder: the commands of this module are being written."""
+"""`gpt2lab eval`: score a run dir on loss / perplexity / bits per byte, HellaSwag, LAMBADA, or a
+multiple-choice file, several tasks in one call."""
+
+from __future__ import annotations
+
+import argparse
+import glob
+from pathlib import Path
+
+from gpt2lab.cli import positive_int
+
+# the tasks of gpt2lab.evaluate.TASKS (a test checks that they agree), named here so that a typo is
+# reported at once, without importing torch
+TASK_NAMES = ("loss", "hellaswag", "lambada", "mc")
+
+
+def _task_list(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    for name in names:
+        if name not in TASK_NAMES:
+            raise argparse.ArgumentTypeError(f"unknown task {name!r}; choose from {', '.join(TASK_NAMES)}")
+    if not names:
+        raise argparse.ArgumentTypeError(f"no task named; choose from {', '.join(TASK_NAMES)}")
+    return names
+
+
+def _data_map(specs: list[str] | None, tasks: list[str]) -> dict[str, str]:
+    """--data [TASK=]PATH, repeatable; a bare PATH belongs to the only task."""
+    out: dict[str, str] = {}
+    for spec in specs or []:
+        name, sep, rest = spec.partition("=")
+        if sep and name in TASK_NAMES:
+            task, path = name, rest
+        elif len(tasks) == 1:
+            task, path = tasks[0], spec
+        else:
+            raise ValueError(f"--data {spec}: with several tasks, say which one the data is for, e.g. "
+                             f"--data {tasks[0]}={spec}")
+        if task in out:
+            raise ValueError(f"--data is given twice for task {task}; give one file or directory per task")
+        if not glob.has_magic(path) and not Path(path).exists():  # before seconds of imports
+            raise ValueError(f"--data {path} for task {task} does not exist; check the path")
+        out[task] = path
+    return out
+
+
+def _write_jsonl(path: str, records: list[dict]) -> None:
+    import json
+    import os
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def cmd_eval(args) -> int:
+    from gpt2lab.checkpoint import write_json
+    from gpt2lab.evaluate import evaluate_run, format_table
+
+    tasks = list(dict.fromkeys(t for group in args.task for t in group))
+    data = _data_map(args.data, tasks)
+    results = evaluate_run(args.run_dir, tasks, data, limit=args.limit, batch_size=args.batch_size,
+                           stride=args.stride, device=args.device, dtype=args.dtype, progress=not args.quiet)
+    print(format_table(results), flush=True)
+    if args.output:
+        write_json(args.output, [r.metrics for r in results])
+    if args.predictions:
+        _write_jsonl(args.predictions, [rec for r in results for rec in r.records])
+    return 0
 
 
 def register(sub) -> None:
-    pass
+    p = sub.add_parser(
+        "eval", help="score a run: loss/perplexity/bits per byte, HellaSwag, LAMBADA, multiple choice",
+        description="Score a run dir the way lm-evaluation-harness does. Tasks: loss (cross-entropy, "
+        "perplexity and bits per byte of a data dir's val split or of text files, long documents in "
+        "sliding windows), hellaswag (acc, acc_norm), lambada (acc, ppl of the last word), mc (a JSONL "
+        "of {\"context\", \"choices\", \"label\"}). HellaSwag and LAMBADA are downloaded once into "
+        "~/.cache/gpt2lab unless --data is given.")
+    p.add_argument("run_dir", help="a run directory (trained, fine-tuned or imported)")
+    p.add_argument("--task", type=_task_list, action="append", required=True, metavar="TASK",
+                   help=f"one of {', '.join(TASK_NAMES)}; repeat it or separate with commas for several")
+    p.add_argument("--data", action="append", metavar="[TASK=]PATH",
+                   help="the task's data: a data dir or text files for loss, a .jsonl/.jsonl.gz for the "
+                   "others; prefix the task name when several tasks are given")
+    p.add_argument("--limit", type=positive_int, default=None, help="score only the first N examples "
+                   "(documents for loss)")
+    p.add_argument("--batch-size", type=positive_int, default=8,
+                   help="sequences per forward pass (a multiple-choice example with all its choices is one)")
+    p.add_argument("--stride", type=positive_int, default=None,
+                   help="loss: tokens between sliding windows (default half the context; the context "
+                   "itself gives windows that do not overlap)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 autocast on a CUDA GPU")
+    p.add_argument("--output", metavar="FILE.json", help="write the metrics: a list of {task, n, ...}")
+    p.add_argument("--predictions", metavar="FILE.jsonl",
+                   help="write one line per example: index, scores per choice, prediction, gold")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_eval)
