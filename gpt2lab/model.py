@@ -235,12 +235,17 @@ class KVCache:
     Generating token t+1 needs the keys and values of tokens 0..t; without a
     cache they are recomputed at every step (quadratic work). The buffers are
     allocated for `max_len` positions up front, so decoding writes into them
-    and never reallocates.
+    and never reallocates; `reset` empties the cache for a new prefill (the
+    sliding window of gpt2lab.generate) and keeps the buffers.
 
     Batches of prompts of different lengths are left-padded: row b begins with
     `pad[b]` padding slots that no query may attend to, and its positions
     count from its first real token, so every row sees exactly what it would
     see alone.
+
+    A decoding step (one new token per row) costs no tensor work here beyond
+    views: its positions and, with padding, its attention mask are slices of
+    tensors built once in the constructor.
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int | None = None,
@@ -253,25 +258,42 @@ class KVCache:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.k: torch.Tensor | None = None  # allocated on first use, in the dtype of the keys
         self.v: torch.Tensor | None = None
+        self._k_layers: tuple[torch.Tensor, ...] = ()  # self.k[layer] for each layer, made once
+        self._v_layers: tuple[torch.Tensor, ...] = ()
         self.pos = 0  # slots filled so far
         self._slots = torch.arange(self.max_len, device=self.device)
         self.pad = pad.to(self.device) if pad is not None else None
-        # key slot j of row b holds a real token when j >= pad[b]
-        self.valid = self._slots[None, :] >= self.pad[:, None] if pad is not None else None
+        self.valid = None
+        if self.pad is not None:
+            # key slot j of row b holds a real token when j >= pad[b]
+            self.valid = self._slots[None, :] >= self.pad[:, None]  # (B, max_len)
+            # the position of slot j in row b counts from the row's first real token
+            self._positions = (self._slots[None, :] - self.pad[:, None]).clamp(min=0)  # (B, max_len)
+            # once every row is past its padding, a new token may see every real slot before it:
+            # the mask of a decoding step is a slice of `valid`
+            self._decode_mask = self.valid[:, None, None, :]  # (B, 1, 1, max_len)
+            self._all_real_from = int(self.pad.max())
+
+    def reset(self) -> None:
+        """Forget the cached tokens (the buffers stay allocated)."""
+        self.pos = 0
 
     def prepare(self, T: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Positions (T,) or (B, T) of the next T tokens, and the attention mask they need."""
-        if self.pos + T > self.max_len:
-            raise ValueError(f"the KV cache holds {self.max_len} positions; {self.pos} are used and "
+        pos = self.pos
+        L = pos + T
+        if L > self.max_len:
+            raise ValueError(f"the KV cache holds {self.max_len} positions; {pos} are used and "
                              f"{T} more do not fit")
-        q_slots = self._slots[self.pos:self.pos + T]
-        L = self.pos + T
+        q_slots = self._slots[pos:L]
         if self.pad is None:
             # no padding: causal order is all there is; sdpa handles T == 1 and a fresh prefill itself
-            if T == 1 or self.pos == 0:
+            if T == 1 or pos == 0:
                 return q_slots, None
             return q_slots, (self._slots[None, :L] <= q_slots[:, None])[None, None]
-        positions = (q_slots[None, :] - self.pad[:, None]).clamp(min=0)
+        positions = self._positions[:, pos:L]
+        if T == 1 and pos >= self._all_real_from:
+            return positions, self._decode_mask[..., :L]
         causal = self._slots[None, :L] <= q_slots[:, None]  # (T, L)
         mask = causal[None] & self.valid[:, None, :L]  # (B, T, L)
         # a padding slot attends to itself, so its (unused) row never becomes NaN
@@ -279,13 +301,16 @@ class KVCache:
         return positions, mask[:, None]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new keys and values (B, n_head, T, head_dim); return all of this layer's so far."""
         if self.k is None:
             self.k = torch.empty(self.shape, dtype=k.dtype, device=k.device)
             self.v = torch.empty(self.shape, dtype=v.dtype, device=v.device)
-        T = k.size(2)
-        self.k[layer, :, :, self.pos:self.pos + T] = k
-        self.v[layer, :, :, self.pos:self.pos + T] = v
-        return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]
+            self._k_layers, self._v_layers = self.k.unbind(0), self.v.unbind(0)
+        T, L = k.size(2), self.pos + k.size(2)
+        k_all, v_all = self._k_layers[layer], self._v_layers[layer]
+        k_all.narrow(2, self.pos, T).copy_(k)
+        v_all.narrow(2, self.pos, T).copy_(v)
+        return k_all.narrow(2, 0, L), v_all.narrow(2, 0, L)
 
     def advance(self, T: int) -> None:
         self.pos += T

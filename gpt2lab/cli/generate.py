@@ -19,6 +19,37 @@ def _nonneg_int(text: str) -> int:
     return value
 
 
+def _number(text: str) -> float:
+    import argparse
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if math.isnan(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number")
+    return value
+
+
+def _temperature(text: str) -> float:
+    import argparse
+
+    value = _number(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0 (0 is greedy)")
+    return value
+
+
+def _top_p(text: str) -> float:
+    import argparse
+
+    value = _number(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} must be in (0, 1]")
+    return value
+
+
 def _load(args):
     import torch
 
@@ -122,9 +153,9 @@ def cmd_chat(args) -> int:
 def _common(p) -> None:
     p.add_argument("run_dir", help="a run directory (trained, fine-tuned or imported)")
     p.add_argument("--max-new-tokens", type=_nonneg_int, default=200, help="tokens to generate (default 200)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
+    p.add_argument("--temperature", type=_temperature, default=0.8, help="0 is greedy (default 0.8)")
     p.add_argument("--top-k", type=positive_int, default=None, help="sample among the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None,
+    p.add_argument("--top-p", type=_top_p, default=None,
                    help="sample from the smallest set of tokens holding p of the probability")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
