@@ -19,10 +19,11 @@ Speed. The prompt is prefilled once through `GPT.forward`; then a decoding
 step is one token per row against the cached keys and values. The cache's
 buffers, positions and padding mask are made once, so a step allocates
 nothing but activations, and logits are computed for the last position only.
-On the CPU the step runs in `_DecodeStep`, which multiplies by copies of the
-weights laid out for a few rows at a time (see there: up to 2x faster at
-batch 8, and as fast as memory allows at batch 1). bench/generate.py times it
-against Hugging Face transformers.
+On the CPU the step runs in `_DecodeStep` (see there): a flat loop of tensor
+ops which, for a batch, multiplies by copies of the weights laid out for a
+few rows at a time (2x faster at batch 8); at batch 1 a step is as fast as
+memory can stream the weights. bench/generate.py times it against Hugging
+Face transformers.
 """
 
 from __future__ import annotations
@@ -98,25 +99,25 @@ class _DecodeStep:
     """One decoding step of a GPT (one new token per row, against a KVCache), for the CPU.
 
     The same computation as `GPT.forward(ids, kv_cache, last_only=True)` for a
-    single token, arranged for speed. Nearly all the time of a step goes to
-    multiplying a few rows (the batch) by each weight matrix, and nn.Linear,
-    which multiplies by W (out, in) transposed, does that badly with MKL:
-    with 8 rows it takes twice as long as with the same weights stored
-    (in, out). So the step keeps its own copies of the weights, made once:
-    prepacked into MKL's GEMM layout for this batch size where torch has MKL
-    (`torch.ops.mkl._mkl_linear`, what torch.compile uses for frozen CPU
-    weights; another ~25% faster with 8 rows), else transposed to (in, out).
-    With one row a step only streams the weights from memory (~500 MB for
-    GPT-2 124M), whatever their layout. The step is also a flat loop of
-    tensor ops on (B, C) activations, without the module calls, views and
-    dropouts of the general forward. Logits equal the model's to float
-    rounding (~1e-6).
+    single token, arranged for speed: a flat loop of tensor ops on (B, C)
+    activations, without the module calls, views and dropouts of the general
+    forward. Logits equal the model's to float rounding (~1e-6).
 
-    The copies take about as much memory as the weights; they are kept with
-    the model (a weak reference, so they go when it does) for the last batch
-    size used, and made again when the batch size or any parameter changes.
+    With one row, a step streams every weight from memory once (~500 MB for
+    GPT-2 124M) and no layout does better, so it uses the model's weights as
+    they are. With several rows nearly all the time goes to multiplying them by
+    each weight matrix, and nn.Linear, which multiplies by W (out, in)
+    transposed, does that badly with MKL: with 8 rows it takes about twice as
+    long as with the weights stored (in, out). So a batch step multiplies by
+    copies made once: prepacked into MKL's GEMM layout for this batch size
+    where torch has MKL (`torch.ops.mkl._mkl_linear`, which torch.compile uses
+    for frozen CPU weights; ~25% faster again at 8 rows), else transposed to
+    (in, out). The copies take about as much memory as the weights; they are
+    kept with the model (a weak reference, so they go when it does) for the
+    last batch size used, and made again when it or any parameter changes.
+
     A model with modules this step does not know (LoRA adapters, hooks, a
-    subclass) decodes through its own forward instead.
+    subclass), or one run under autocast, decodes through its own forward.
     """
 
     def __init__(self, model: GPT, batch_size: int):
@@ -172,7 +173,10 @@ def _mkl_packing() -> bool:
 
 
 def _prepared_linear(weight: torch.Tensor, bias: torch.Tensor | None, batch_size: int):
-    """x (batch_size, in) -> x @ weight.T + bias, with the weight (out, in) copied into a fast layout."""
+    """x (batch_size, in) -> x @ weight.T + bias; for several rows, through a copy of the weight
+    (out, in) in a faster layout."""
+    if batch_size == 1:
+        return lambda x: F.linear(x, weight, bias)
     weight = weight.contiguous()
     if weight.dtype == torch.float32 and _mkl_packing():
         try:
@@ -208,9 +212,16 @@ def _is_plain_gpt(model: GPT) -> bool:
     return all(b.mlp.gelu.approximate == "tanh" for b in model.transformer.h)
 
 
+def _autocast_on_cpu() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled()
+
+
 def _decoder(model: GPT, batch_size: int):
     """The function of one decoding step: ids (B,) and a cache -> logits (B, vocab_size)."""
-    if CPU_DECODE_STEP and _device(model).type == "cpu" and _is_plain_gpt(model):
+    if CPU_DECODE_STEP and _device(model).type == "cpu" and not _autocast_on_cpu() and _is_plain_gpt(model):
         return _DecodeStep(model, batch_size)
     return lambda ids, cache: model(ids.reshape(-1, 1), kv_cache=cache, last_only=True)[:, -1]
 

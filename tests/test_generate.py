@@ -229,6 +229,15 @@ def test_other_model_configs_decode_the_same_with_and_without_cache(kw):
     assert max(max(a) for a in alone) < VOCAB
 
 
+def test_generation_under_cpu_autocast(model):
+    """The trainer samples under autocast when it trains in bf16."""
+    prompts = [[1, 2, 3], [4, 5]]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        one = generate(model, prompts[0], 10, temperature=0.8, seed=0)
+        two = generate_batch(model, prompts, 10, temperature=0)
+    assert len(one) == 10 and [len(r) for r in two] == [10, 10]
+
+
 def test_greedy_is_the_same_with_and_without_cache(model):
     prompt = [4, 8, 15, 16, 23, 42]
     cached = generate(model, prompt, max_new_tokens=24, temperature=0)
