@@ -164,27 +164,28 @@ CHAT_RECORD = {"messages": [
 def test_chat_records_train_only_the_assistant_turns(tok):
     ids, trained = encode_record(CHAT_RECORD, ALPACA, tok, BLOCK)  # chat records ignore the template
     expected = []
-    for m in CHAT_RECORD["messages"]:
+    messages = CHAT_RECORD["messages"]
+    for i, m in enumerate(messages):
         if m["role"] == "assistant":
-            expected += tok.encode(CHAT.assistant_prefix) + tok.encode(m["content"])
-            expected += tok.encode(CHAT.turn_end)
+            # each answer is followed by a trained eot; the turn marker of the next turn follows that
+            expected += tok.encode(CHAT.assistant_prefix) + tok.encode(m["content"]) + [tok.eot_id]
+            if i < len(messages) - 1:
+                expected += tok.encode(CHAT.turn_end)
         else:
             expected += tok.encode(CHAT.render_turn(m["role"], m["content"]))
-    assert ids == expected + [tok.eot_id]
+    assert ids == expected
     text = tok.decode(ids)
     assert text.startswith("### System:\nAnswer briefly.\n\n### User:\nWho wrote the play?")
     assert "### Assistant:\nA poet from the north." in text
     kept = [i for i, on in zip(ids, trained) if on]
-    assert kept == tok.encode("A poet from the north.") + tok.encode("Long ago.") + [tok.eot_id]
+    assert kept == (tok.encode("A poet from the north.") + [tok.eot_id] + tok.encode("Long ago.")
+                    + [tok.eot_id])
     assert ids[-1] == tok.eot_id and trained[-1]
     # the system and user turns and the role markers are never targets
     x, y = collate([(ids, trained)], tok.eot_id, "cpu")
     assert [t for t in y[0].tolist() if t != IGNORE_INDEX] == kept
 
 
-@pytest.mark.xfail(strict=True, reason="sft.encode_record appends the trained eot after the chat "
-                   "template's untrained turn_end ('\\n\\n'), so the token that follows the last assistant "
-                   "answer is never a target and a chat-trained model does not learn to stop")
 def test_chat_answer_is_followed_by_a_trained_stop(tok):
     ids, trained = encode_record(CHAT_RECORD, CHAT, tok, BLOCK)
     answer = tok.encode("Long ago.")
@@ -321,8 +322,6 @@ def test_read_records_errors_name_the_file(tmp_path):
     one_line_user_error(e, str(scalars), "record 0")
 
 
-@pytest.mark.xfail(strict=True, reason="sft.read_records passes json.JSONDecodeError.lineno through, which "
-                   "is the line inside one JSONL line (always 1), not the file's line number")
 def test_invalid_jsonl_error_gives_the_file_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "a", "output": "b"}\n\n{"instruction": "c", "output": \n')
@@ -330,8 +329,6 @@ def test_invalid_jsonl_error_gives_the_file_line(tmp_path):
         read_records(bad)
 
 
-@pytest.mark.xfail(strict=True, reason="sft.read_records checks only the keys: a non-string output passes "
-                   "and training later dies in the tokenizer with a TypeError traceback, not one error line")
 def test_a_record_whose_output_is_not_text_is_a_user_error(tmp_path, tok):
     path = write_jsonl(tmp_path / "numbers.jsonl", [{"instruction": "What is 2 + 3?", "output": 5}])
     try:
@@ -510,9 +507,6 @@ def test_score_sft_on_a_memorised_record(solo_run, base_run, tok):
     assert table["solo"]["response_loss"] == pytest.approx(direct_response_loss(base, tok, [SOLO]), rel=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="instructions.score_sft adds no loss for a record whose answer does "
-                   "not fit the context (encode_record gives None) but still counts it in n, so such records "
-                   "pull response_loss toward 0")
 def test_score_sft_loss_is_not_diluted_by_records_it_cannot_score(base_run, tok):
     base, _ = load_run(base_run)
     long = {**SOLO, "input": " ".join([SOLO["output"]] * 60)}
@@ -569,15 +563,17 @@ def read_jsonl(path: Path) -> list[dict]:
 def test_build_instruction_set_splits_and_counts(tmp_path):
     counts = build_instruction_set(tmp_path / "set", synthetic=200, heldout_fraction=0.1, seed=0)
     train, held = read_jsonl(tmp_path / "set" / "train.jsonl"), read_jsonl(tmp_path / "set" / "heldout.jsonl")
-    assert len(held) == 20 and len(train) == 180
+    distinct = {json.dumps(r, sort_keys=True) for r in synthetic_tasks(200, 0)}
+    assert len(distinct) < 200  # generated tasks repeat, and repeats are dropped
+    assert len(held) == int(len(distinct) * 0.1) and len(train) + len(held) == len(distinct)
     for split, rows in (("train", train), ("heldout", held)):
         tasks = {}
         for r in rows:
             tasks[r["task"]] = tasks.get(r["task"], 0) + 1
         assert counts[split] == tasks
-    # together they are exactly the generated records, each once
+    # together they are exactly the distinct generated records, each once
     key = lambda r: json.dumps(r, sort_keys=True)  # noqa: E731
-    assert sorted(map(key, train + held)) == sorted(map(key, synthetic_tasks(200, 0)))
+    assert sorted(map(key, train + held)) == sorted(distinct)
     assert read_records(tmp_path / "set" / "heldout.jsonl") == held
     again = build_instruction_set(tmp_path / "again", synthetic=200, heldout_fraction=0.1, seed=0)
     assert again == counts
@@ -585,9 +581,6 @@ def test_build_instruction_set_splits_and_counts(tmp_path):
         assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "set" / name).read_bytes()
 
 
-@pytest.mark.xfail(strict=True, reason="instructions.build_instruction_set splits records, not distinct "
-                   "records: synthetic_tasks repeats (52 words for 'reverse'), so held-out records also "
-                   "appear in train.jsonl and held-out exact match rewards memorisation")
 def test_heldout_records_do_not_appear_in_train(tmp_path):
     build_instruction_set(tmp_path, synthetic=400, heldout_fraction=0.1, seed=0)
     train = {json.dumps(r, sort_keys=True) for r in read_jsonl(tmp_path / "train.jsonl")}

@@ -6,9 +6,11 @@ No Alpaca-style set ships with gpt2lab, so `build_instruction_set` makes one:
   arithmetic, spelling a word backwards, counting a letter, copying a
   sentence with one word replaced;
 - question/answer material converted into records: ChatterBot's Q/A
-  dialogues, GSM8K problems (worked answers), SQuAD passages and questions.
+  dialogues, GSM8K problems (their final numeric answers), SQuAD passages
+  and questions.
 
-Records are split into train and held-out deterministically. `score_sft`
+Duplicate records are dropped, then the rest is split into train and
+held-out deterministically, so no held-out record appears in train. `score_sft`
 measures a model on held-out records: the response loss (mean cross-entropy
 of the response and its end-of-text token given the prompt), exact-match
 accuracy on the checkable tasks, and how often greedy decoding stops cleanly
@@ -113,6 +115,13 @@ def build_instruction_set(out_dir: str | os.PathLike, source: str | os.PathLike 
     records = synthetic_tasks(synthetic, seed)
     if source is not None:
         records += qa_records(source)
+    seen, unique = set(), []
+    for r in records:  # generated tasks repeat; a held-out record must not also be in train
+        key = (r["instruction"], r.get("input", ""), r["output"])
+        if key not in seen:
+            seen.add(key)
+            unique.append(r)
+    records = unique
     rng = random.Random(seed)
     rng.shuffle(records)
     n_held = max(1, int(len(records) * heldout_fraction))
@@ -148,12 +157,14 @@ def score_sft(model, tokenizer, records: list[dict], template, max_new_tokens: i
     block = model.config.block_size
     stats: dict[str, dict] = {}
     for r in records:
-        s = stats.setdefault(r.get("task", "other"), {"n": 0, "loss": 0.0, "correct": 0, "clean": 0})
+        s = stats.setdefault(r.get("task", "other"),
+                             {"n": 0, "scored": 0, "loss": 0.0, "correct": 0, "clean": 0})
         s["n"] += 1
         enc = encode_record(r, template, tokenizer, block - 1)
-        if enc is not None:
+        if enc is not None:  # an answer that does not fit in the context has no loss
             x, y = collate([enc], tokenizer.eot_id, device)
             s["loss"] += lm_loss(model(x), y).item()
+            s["scored"] += 1
         prompt = tokenizer.encode(template.render(r["instruction"], r.get("input", "") or ""))[-(block - 1):]
         room = min(max_new_tokens, block - len(prompt))
         ids = generate(model, prompt, room, temperature=0, eot_id=None)
@@ -167,15 +178,17 @@ def score_sft(model, tokenizer, records: list[dict], template, max_new_tokens: i
         s["clean"] += stop_at < len(ids) or cut >= 0
         s["correct"] += text.strip() == r["output"].strip()
     table = {}
-    total = {"n": 0, "loss": 0.0, "correct": 0, "clean": 0, "checkable": 0}
+    total = {"n": 0, "scored": 0, "loss": 0.0, "correct": 0, "clean": 0}
     for task, s in sorted(stats.items()):
-        table[task] = {"n": s["n"], "response_loss": s["loss"] / s["n"],
+        table[task] = {"n": s["n"], "scored": s["scored"],
+                       "response_loss": s["loss"] / s["scored"] if s["scored"] else math.nan,
                        "exact_match": s["correct"] / s["n"], "clean_stop": s["clean"] / s["n"]}
-        for k in ("n", "loss", "correct", "clean"):
+        for k in ("n", "scored", "loss", "correct", "clean"):
             total[k] += s[k]
     checkable = [stats[t] for t in CHECKABLE if t in stats]
     n_check = sum(s["n"] for s in checkable)
-    table["all"] = {"n": total["n"], "response_loss": total["loss"] / max(1, total["n"]),
+    table["all"] = {"n": total["n"], "scored": total["scored"],
+                    "response_loss": total["loss"] / total["scored"] if total["scored"] else math.nan,
                     "exact_match_checkable": (sum(s["correct"] for s in checkable) / n_check
                                               if n_check else math.nan),
                     "clean_stop": total["clean"] / max(1, total["n"])}

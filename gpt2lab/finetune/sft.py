@@ -45,23 +45,53 @@ def read_records(path: str | os.PathLike) -> list[dict]:
     if not path.is_file():
         raise UserError(f"instruction data {path} does not exist; check the path")
     text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix.lower() == ".json":
+    fix = "Alpaca data is a JSON list or one JSON object per line"
+    if path.suffix.lower() == ".json":
+        try:
             records = json.loads(text)
-        else:
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON/JSONL ({e.msg}, line {e.lineno}); Alpaca data is a "
-                        "JSON list or one JSON object per line") from None
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}); {fix}") from None
+    else:
+        records = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path} is not valid JSONL ({e.msg}, line {lineno}); {fix}") from None
     if not isinstance(records, list) or not records:
         raise UserError(f"{path} holds no records; expected a list of {{instruction, input, output}} "
                         "or chat objects with `messages`")
     for i, r in enumerate(records):
-        if not isinstance(r, dict) or not ({"instruction", "output"} <= set(r) or "messages" in r):
-            keys = sorted(r) if isinstance(r, dict) else type(r).__name__
-            raise UserError(f"{path}: record {i} has {keys}; each record needs `instruction` and `output` "
-                            "(Alpaca) or `messages` (chat)")
+        problem = _record_problem(r)
+        if problem:
+            raise UserError(f"{path}: record {i} {problem}; each record needs text `instruction` and "
+                            "`output` (and optionally `input`) for Alpaca, or `messages` of "
+                            "{role, content} for chat")
     return records
+
+
+def _record_problem(r) -> str | None:
+    if not isinstance(r, dict):
+        return f"is {type(r).__name__}, not an object"
+    if "messages" in r:
+        msgs = r["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            return "has `messages` that is not a non-empty list"
+        for m in msgs:
+            ok = isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            if not ok:
+                return f"has a message {m!r} without text `role` and `content`"
+        if not any(m["role"] == "assistant" for m in msgs):
+            return "has no assistant message to learn from"
+        return None
+    if not {"instruction", "output"} <= set(r):
+        return f"has {sorted(r)}"
+    for key in ("instruction", "output", "input"):
+        if key in r and r[key] is not None and not isinstance(r[key], str):
+            return f"has a `{key}` that is {type(r[key]).__name__}, not text"
+    return None
 
 
 def render(record: dict, template) -> list[tuple[str, bool]]:
@@ -69,12 +99,14 @@ def render(record: dict, template) -> list[tuple[str, bool]]:
     if "messages" in record:
         chat = get_template("chat")
         segments = []
-        for m in record["messages"]:
+        messages = record["messages"]
+        for i, m in enumerate(messages):
             role, content = m.get("role"), m.get("content", "")
             if role == "assistant":
                 segments.append((chat.assistant_prefix, False))
-                segments.append((content, True))
-                segments.append((chat.turn_end, False))
+                segments.append((content, True))  # followed by a trained eot: the turn ends here
+                if i < len(messages) - 1:
+                    segments.append((chat.turn_end, False))
             else:
                 segments.append((chat.render_turn(role, content), False))
         return segments
@@ -83,17 +115,17 @@ def render(record: dict, template) -> list[tuple[str, bool]]:
 
 
 def encode_record(record: dict, template, tokenizer, max_length: int) -> tuple[list[int], list[bool]] | None:
-    """(ids, trained) with eot appended after the last trained segment; None if nothing is trained."""
+    """(ids, trained): every trained segment (a response) is followed by a trained eot, since
+    learning to stop is part of the answer. None if nothing trained fits in `max_length`."""
     ids: list[int] = []
     trained: list[bool] = []
     for text, on in render(record, template):
-        if not text:
-            continue
-        piece = tokenizer.encode(text)
+        piece = tokenizer.encode(text) if text else []
         ids += piece
         trained += [on] * len(piece)
-    ids.append(tokenizer.eot_id)
-    trained.append(True)  # learning to stop is part of the answer
+        if on:
+            ids.append(tokenizer.eot_id)
+            trained.append(True)
     ids, trained = ids[: max_length + 1], trained[: max_length + 1]
     # targets are ids[1:]: a trained target exists when some position past the first is trained
     if not any(trained[1:]):
