@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO   ?= demo
 CORPUS := gpt2lab/assets/shakespeare.txt.gz
-DEMO_STEPS ?= 600
+DEMO_STEPS ?= 400
 
 .PHONY: install demo test lint bench clean
 
@@ -27,9 +27,11 @@ demo: install
 		--max-steps $(DEMO_STEPS)
 	$(BIN)/gpt2lab plot $(DEMO)/run
 	@echo
-	@echo "Next: sample more with the Python API (gpt2lab.checkpoint.load_run), continue training with"
-	@echo "  $(BIN)/gpt2lab pretrain --data $(DEMO)/data --out $(DEMO)/run --config configs/demo.toml --resume --max-steps 2000"
-	@echo "look at $(DEMO)/run/curves.png, or run 'tensorboard --logdir $(DEMO)/run/tensorboard'."
+	@echo "Next:"
+	@echo "  $(BIN)/gpt2lab generate $(DEMO)/run --prompt 'ROMEO:' --max-new-tokens 100    # sample more"
+	@echo "  $(BIN)/gpt2lab eval $(DEMO)/run --task loss,hellaswag --limit 500               # score it"
+	@echo "  $(BIN)/gpt2lab pretrain --data $(DEMO)/data --out $(DEMO)/run2 --config configs/demo.toml --max-steps 2000"
+	@echo "  look at $(DEMO)/run/curves.png, or run: tensorboard --logdir $(DEMO)/run/tensorboard"
 
 test: install
 	$(BIN)/python -m pytest -q
