@@ -58,7 +58,7 @@ from tqdm import tqdm
 from gpt2lab.errors import UserError
 from gpt2lab.model import GPT
 
-TASKS = ("loss", "hellaswag", "lambada", "mc")
+TASKS = ("loss", "hellaswag", "lambada", "mc", "judge")
 
 # Where the standard test sets live: the original files, cached after the first download.
 DOWNLOADS = {
@@ -664,14 +664,17 @@ def resolve_data(task: str, path: str | None, run_config: dict | None = None, pr
             return trained_on
         raise UserError("task loss needs --data: a data dir made by `gpt2lab prepare` (its val split is "
                         "scored) or text files")
+    if task == "judge":
+        raise UserError("task judge needs --data FILE.json or .jsonl of Alpaca records "
+                        '{"instruction", "input", "output"}')
     raise UserError(f"task {task} needs --data FILE.jsonl with records "
                     '{"context": ..., "choices": [...], "label": i}')
 
 
 def run_task(model: GPT, tokenizer, task: str, data: str, *, limit: int | None = None, batch_size: int = 8,
              stride: int | None = None, autocast_dtype: torch.dtype | None = None,
-             progress: bool = False) -> TaskResult:
-    """One task on one model; `data` as `resolve_data` returns it."""
+             progress: bool = False, judge: dict | None = None) -> TaskResult:
+    """One task on one model; `data` as `resolve_data` returns it; `judge`: eval_judge's options."""
     start = time.perf_counter()
     opts = dict(batch_size=batch_size, autocast_dtype=autocast_dtype, progress=progress)
     if task == "hellaswag":
@@ -682,6 +685,12 @@ def run_task(model: GPT, tokenizer, task: str, data: str, *, limit: int | None =
         result = eval_lambada(model, tokenizer, load_lambada(data, limit), **opts)
     elif task == "loss":
         result = eval_loss(model, tokenizer, loss_documents(tokenizer, data, limit), stride=stride, **opts)
+    elif task == "judge":
+        from gpt2lab.finetune.sft import read_records
+        from gpt2lab.judge import eval_judge
+
+        result = eval_judge(model, tokenizer, read_records(data), limit=limit, progress=progress,
+                            **(judge or {}))
     else:
         raise UserError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     result.metrics["data"] = str(data)
@@ -691,8 +700,13 @@ def run_task(model: GPT, tokenizer, task: str, data: str, *, limit: int | None =
 
 def evaluate_run(run_dir: str | os.PathLike, tasks: Sequence[str], data: dict[str, str] | None = None, *,
                  limit: int | None = None, batch_size: int = 8, stride: int | None = None,
-                 device: str = "auto", dtype: str = "fp32", progress: bool = False) -> list[TaskResult]:
-    """Load a run dir and score it on each task; `data` maps a task to its file or directory."""
+                 device: str = "auto", dtype: str = "fp32", progress: bool = False,
+                 judge: dict | None = None) -> list[TaskResult]:
+    """Load a run dir and score it on each task; `data` maps a task to its file or directory.
+
+    `judge`: options of `gpt2lab.judge.eval_judge` (url, judge_model, api_key, ...) for task judge;
+    the run's prompt template (alpaca when it has none) is added here.
+    """
     from gpt2lab.checkpoint import load_run, read_run_config
     from gpt2lab.distributed import resolve_device
 
@@ -715,8 +729,12 @@ def evaluate_run(run_dir: str | os.PathLike, tasks: Sequence[str], data: dict[st
     paths = {t: resolve_data(t, data.get(t), config, progress) for t in tasks}
     model, tokenizer = load_run(run_dir, device=dev)
     autocast_dtype = torch.bfloat16 if dtype == "bf16" else None
+    if "judge" in tasks:
+        from gpt2lab.templates import get_template
+
+        judge = {**(judge or {}), "template": get_template(config.get("template"))}
     return [run_task(model, tokenizer, t, paths[t], limit=limit, batch_size=batch_size, stride=stride,
-                     autocast_dtype=autocast_dtype, progress=progress) for t in tasks]
+                     autocast_dtype=autocast_dtype, progress=progress, judge=judge) for t in tasks]
 
 
 def format_table(results: Sequence[TaskResult]) -> str:
@@ -724,7 +742,7 @@ def format_table(results: Sequence[TaskResult]) -> str:
     lines = [f"{'task':<10} {'n':>7}  {'metric':<9} {'value':>10}"]
     for res in results:
         m, first = res.metrics, True
-        for key in ("acc", "acc_norm", "loss", "ppl", "bpb"):
+        for key in ("acc", "acc_norm", "loss", "ppl", "bpb", "mean_score", "unscored"):
             if key not in m:
                 continue
             value = m[key]
@@ -733,8 +751,10 @@ def format_table(results: Sequence[TaskResult]) -> str:
             elif key.startswith("acc"):
                 err = m.get(key + "_stderr")
                 text = f"{value:>10.4f}" + (f" ± {err:.4f}" if err is not None else "")
-            elif key == "ppl":
+            elif key in ("ppl", "mean_score"):
                 text = f"{value:>10.3f}"
+            elif key == "unscored":
+                text = f"{value:>10d}"
             else:
                 text = f"{value:>10.4f}"
             task, n = (m["task"], str(m["n"])) if first else ("", "")

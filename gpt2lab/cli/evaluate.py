@@ -11,7 +11,7 @@ from gpt2lab.cli import positive_int
 
 # the tasks of gpt2lab.evaluate.TASKS (a test checks that they agree), named here so that a typo is
 # reported at once, without importing torch
-TASK_NAMES = ("loss", "hellaswag", "lambada", "mc")
+TASK_NAMES = ("loss", "hellaswag", "lambada", "mc", "judge")
 
 
 def _task_list(text: str) -> list[str]:
@@ -62,8 +62,14 @@ def cmd_eval(args) -> int:
 
     tasks = list(dict.fromkeys(t for group in args.task for t in group))
     data = _data_map(args.data, tasks)
+    if "judge" in tasks and "judge" not in data:
+        raise ValueError("task judge needs --data FILE.json or .jsonl of Alpaca records "
+                         "{instruction, input, output}")
+    judge = {"url": args.judge_url, "judge_model": args.judge_model, "api_key": args.judge_api_key,
+             "max_new_tokens": args.max_new_tokens}
     results = evaluate_run(args.run_dir, tasks, data, limit=args.limit, batch_size=args.batch_size,
-                           stride=args.stride, device=args.device, dtype=args.dtype, progress=not args.quiet)
+                           stride=args.stride, device=args.device, dtype=args.dtype, progress=not args.quiet,
+                           judge=judge)
     print(format_table(results), flush=True)
     if args.output:
         write_json(args.output, [r.metrics for r in results])
@@ -98,5 +104,12 @@ def register(sub) -> None:
     p.add_argument("--output", metavar="FILE.json", help="write the metrics: a list of {task, n, ...}")
     p.add_argument("--predictions", metavar="FILE.jsonl",
                    help="write one line per example: index, scores per choice, prediction, gold")
+    p.add_argument("--judge-url", default="http://localhost:11434",
+                   help="judge: an OpenAI-compatible server (Ollama, vLLM, llama.cpp server, OpenAI) that "
+                   "scores each answer 0-100")
+    p.add_argument("--judge-model", default="llama3", help="judge: the model name the server knows")
+    p.add_argument("--judge-api-key", default=None, help="judge: API key (default $OPENAI_API_KEY, if set)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=128,
+                   help="judge: tokens generated per answer (greedy, with the run's prompt template)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
