@@ -84,8 +84,9 @@ def register(sub) -> None:
         description="Score a run dir the way lm-evaluation-harness does. Tasks: loss (cross-entropy, "
         "perplexity and bits per byte of a data dir's val split or of text files, long documents in "
         "sliding windows), hellaswag (acc, acc_norm), lambada (acc, ppl of the last word), mc (a JSONL "
-        "of {\"context\", \"choices\", \"label\"}). HellaSwag and LAMBADA are downloaded once into "
-        "~/.cache/gpt2lab unless --data is given.")
+        "of {\"context\", \"choices\", \"label\"}), judge (answers to Alpaca records scored 0-100 by a "
+        "larger model behind an OpenAI-compatible endpoint). HellaSwag and LAMBADA are downloaded once "
+        "into ~/.cache/gpt2lab unless --data is given.")
     p.add_argument("run_dir", help="a run directory (trained, fine-tuned or imported)")
     p.add_argument("--task", type=_task_list, action="append", required=True, metavar="TASK",
                    help=f"one of {', '.join(TASK_NAMES)}; repeat it or separate with commas for several")
