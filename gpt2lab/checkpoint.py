@@ -193,7 +193,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: GPT, trainer_s
     if final.exists():  # a re-run of the same step after a resume
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -225,12 +225,15 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:
     return trainer_state, state
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable (where the platform allows it)."""
     try:
         fd = os.open(path, os.O_RDONLY)
-    except OSError:
+    except OSError:  # not possible on every platform; the rename is what matters
         return
     try:
         os.fsync(fd)
+    except OSError:
+        pass
     finally:
         os.close(fd)

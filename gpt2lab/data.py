@@ -78,6 +78,7 @@ import torch
 from tqdm import tqdm
 
 from gpt2lab import sources
+from gpt2lab.checkpoint import fsync_dir, write_json
 from gpt2lab.errors import UserError
 from gpt2lab.tokenizer import BPETokenizer, FastTokenizer, Tokenizer, get_tokenizer, load_tokenizer_file
 
@@ -444,8 +445,8 @@ def prepare(
             "input": {"files": stats.files, "chars": stats.chars, "replaced_bytes": stats.replaced_bytes,
                       "skipped_records": stats.skipped_records},
         }
-        _write_json_atomic(tmp / META_FILE, meta)
-        _fsync_dir(tmp)
+        write_json(tmp / META_FILE, meta)
+        fsync_dir(tmp)
         _move_into_place(tmp, out)
     except BaseException:
         if bar is not None:
@@ -475,29 +476,6 @@ def prepare(
             line += f"; skipped {stats.skipped_records:,} records with empty text"
         print(line, flush=True)
     return meta
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # not possible on every platform; the rename is what matters
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:

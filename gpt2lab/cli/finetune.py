@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from gpt2lab.cli import Parser, positive_int
+from gpt2lab.cli import Parser, fraction, positive_int
 
 
 def _names(text: str) -> list[str]:
@@ -14,16 +14,6 @@ def _names(text: str) -> list[str]:
     if not all(names):
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of names")
     return names
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"{text} must be in [0, 1)")
-    return value
 
 
 # flags whose value is given only when set: the defaults live in ClassifyConfig, once
@@ -176,8 +166,8 @@ def register(sub) -> None:
                    "header line, e.g. label,text")
     d.add_argument("--labels", type=_names, metavar="A,B,..", help="the classes in id order "
                    "(default: sorted, numerically when all are integers)")
-    d.add_argument("--val-fraction", type=_fraction, help="with --data (default 0.1)")
-    d.add_argument("--test-fraction", type=_fraction, help="with --data (default 0.2)")
+    d.add_argument("--val-fraction", type=fraction, help="with --data (default 0.1)")
+    d.add_argument("--test-fraction", type=fraction, help="with --data (default 0.2)")
     d.add_argument("--balance", action="store_true", help="downsample every class to the smallest's size")
     d.add_argument("--max-length", type=positive_int, help="truncate texts to this many tokens "
                    "(default: the longest training text, at most the model's context)")
@@ -189,7 +179,7 @@ def register(sub) -> None:
     m.add_argument("--lora-rank", type=positive_int, help="LoRA rank r (default 8)")
     m.add_argument("--lora-alpha", type=float,
                    help="LoRA alpha; the update is scaled by alpha/r (default 16)")
-    m.add_argument("--lora-dropout", type=_fraction, help="dropout on the adapters' input (default 0)")
+    m.add_argument("--lora-dropout", type=fraction, help="dropout on the adapters' input (default 0)")
     m.add_argument("--lora-targets", type=_names, metavar="A,B,..",
                    help="layers to adapt: c_attn, c_proj (attention and MLP), c_fc, attn.c_proj, "
                    "mlp.c_proj, attn, mlp, h.N (default c_attn,c_proj,c_fc: every linear layer)")
@@ -219,7 +209,7 @@ def register(sub) -> None:
     i.add_argument("--source", default=None, help="a folder with chatterbot/*.yml, gsm8k_test.jsonl.gz, "
                    "squad_val_1000.jsonl.gz")
     i.add_argument("--synthetic", type=int, default=4000, help="generated checkable records (default 4000)")
-    i.add_argument("--heldout-fraction", type=_fraction, default=0.1, help="held-out share (default 0.1)")
+    i.add_argument("--heldout-fraction", type=fraction, default=0.1, help="held-out share (default 0.1)")
     i.add_argument("--seed", type=int, default=0, help="seed of the generated tasks and the split")
     i.set_defaults(func=cmd_instructions)
 

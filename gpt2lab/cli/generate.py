@@ -4,19 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from gpt2lab.cli import positive_int
-
-
-def _nonneg_int(text: str) -> int:
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} must be >= 0")
-    return value
+from gpt2lab.cli import nonneg_int, positive_int
 
 
 def _number(text: str) -> float:
@@ -152,7 +140,7 @@ def cmd_chat(args) -> int:
 
 def _common(p) -> None:
     p.add_argument("run_dir", help="a run directory (trained, fine-tuned or imported)")
-    p.add_argument("--max-new-tokens", type=_nonneg_int, default=200, help="tokens to generate (default 200)")
+    p.add_argument("--max-new-tokens", type=nonneg_int, default=200, help="tokens to generate (default 200)")
     p.add_argument("--temperature", type=_temperature, default=0.8, help="0 is greedy (default 0.8)")
     p.add_argument("--top-k", type=positive_int, default=None, help="sample among the k most likely tokens")
     p.add_argument("--top-p", type=_top_p, default=None,
