@@ -144,6 +144,28 @@ class Block(nn.Module):
         return x
 
 
+def trunk(transformer: nn.ModuleDict, block_size: int, idx: torch.Tensor,
+          kv_cache: KVCache | None = None) -> torch.Tensor:
+    """Embeddings and every block: idx (B, T) -> hidden states (B, T, C), before the final LayerNorm.
+
+    Shared by the language model and the classifier built on the same transformer.
+    """
+    T = idx.size(1)
+    if kv_cache is None:
+        if T > block_size:
+            raise ValueError(f"input of {T} tokens is longer than the model's context of "
+                             f"{block_size} tokens")
+        pos, mask = torch.arange(T, device=idx.device), None
+    else:
+        pos, mask = kv_cache.prepare(T)
+    x = transformer.drop(transformer.wte(idx) + transformer.wpe(pos))
+    for i, block in enumerate(transformer.h):
+        x = block(x, kv_cache, i, mask)
+    if kv_cache is not None:
+        kv_cache.advance(T)
+    return x
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -185,19 +207,7 @@ class GPT(nn.Module):
         the logits of the last position only, (B, 1, vocab_size): all that
         sampling needs, without the cost of the LM head on every position.
         """
-        B, T = idx.shape
-        if kv_cache is None:
-            if T > self.config.block_size:
-                raise ValueError(f"input of {T} tokens is longer than the model's context of "
-                                 f"{self.config.block_size} tokens")
-            pos, mask = torch.arange(T, device=idx.device), None
-        else:
-            pos, mask = kv_cache.prepare(T)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        for i, block in enumerate(self.transformer.h):
-            x = block(x, kv_cache, i, mask)
-        if kv_cache is not None:
-            kv_cache.advance(T)
+        x = trunk(self.transformer, self.config.block_size, idx, kv_cache)
         if last_only:
             x = x[:, -1:, :]
         logits = self.lm_head(self.transformer.ln_f(x))

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from gpt2lab import checkpoint as ckpt
 from gpt2lab.errors import UserError
 from gpt2lab.finetune import lora as lora_mod
-from gpt2lab.model import GPT, GPTConfig
+from gpt2lab.model import GPT, GPTConfig, trunk
 
 TASK = "classify"
 RESULTS_FILE = "results.json"
@@ -96,14 +96,8 @@ class GPTClassifier(nn.Module):
     def forward(self, idx: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """idx (B, T) right-padded ids, lengths (B,) real tokens per row -> logits (B, num_classes)."""
         B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"input of {T} tokens is longer than the model's context of "
-                             f"{self.config.block_size} tokens")
         t = self.transformer
-        pos = torch.arange(T, device=idx.device)
-        x = t.drop(t.wte(idx) + t.wpe(pos))  # (B, T, C)
-        for block in t.h:
-            x = block(x)
+        x = trunk(t, self.config.block_size, idx)  # (B, T, C)
         last = (lengths - 1) if lengths is not None else torch.full((B,), T - 1, device=idx.device)
         x = x[torch.arange(B, device=idx.device), last]  # (B, C): the last real token of each row
         return self.score(t.ln_f(x))  # LayerNorm acts per position, so after the pick is the same
