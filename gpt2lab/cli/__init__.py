@@ -68,7 +68,9 @@ def unescape(text: str | None) -> str | None:
 def build_parser() -> argparse.ArgumentParser:
     from gpt2lab import __version__
 
-    p = Parser(prog="gpt2lab", description="GPT-2 from scratch: tokenizer, data, training, generation.")
+    p = Parser(prog="gpt2lab",
+               description="GPT-2 from scratch: tokenizer, data, pretraining, generation, Hugging Face "
+               "interop, evaluation and fine-tuning. `gpt2lab COMMAND --help` for each.")
     p.add_argument("--version", action="version", version=f"gpt2lab {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
