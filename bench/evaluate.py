@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -35,40 +34,16 @@ from gpt2lab import evaluate as ev
 from gpt2lab.model import GPT, GPTConfig
 from gpt2lab.tokenizer import get_tokenizer
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import cpu_name, hf_twin  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 FULL = 10_042  # examples in HellaSwag's validation set
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_name()
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
-
-
-def hf_model(model: GPT):
-    import transformers
-
-    c = model.config
-    cfg = transformers.GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd,
-                                  n_layer=c.n_layer, n_head=c.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
-                                  attn_pdrop=0.0)
-    try:
-        hf = transformers.GPT2LMHeadModel(cfg, attn_implementation="sdpa")
-    except TypeError:
-        hf = transformers.GPT2LMHeadModel(cfg)
-    # Conv1D weights are stored (in, out): transpose these four, keep everything else
-    transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-    sd = {k: (v.t() if k.endswith(transposed) else v) for k, v in model.state_dict().items()}
-    missing, unexpected = hf.load_state_dict(sd, strict=False)
-    assert not unexpected and all(k.endswith((".attn.bias", ".attn.masked_bias")) for k in missing)
-    return hf.eval()
 
 
 def requests_for(tok, examples) -> list[ev.Request]:
@@ -150,7 +125,7 @@ def main() -> None:
     if args.ablation:
         impls["gpt2lab unpacked"] = lambda exs, b: run_unpacked(model, tok, exs, b)
     if not args.no_hf:
-        hf = hf_model(model)
+        hf = hf_twin(model)
         impls["transformers"] = lambda exs, b: run_hf(hf, tok, exs, b)
 
     print(f"HellaSwag, {args.model} ({model.num_params() / 1e6:.0f}M params, random weights), "

@@ -18,7 +18,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import time
 
@@ -28,7 +27,8 @@ import gpt2lab.generate as gen
 from gpt2lab.generate import generate, generate_batch
 from gpt2lab.model import GPT, GPTConfig
 
-TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import cpu_name, hf_twin  # noqa: E402
 
 
 def machine(device: torch.device) -> str:
@@ -37,37 +37,13 @@ def machine(device: torch.device) -> str:
     versions = f"torch {torch.__version__}, transformers {transformers.__version__}"
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, {versions}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_name()
     threads = torch.get_num_threads()
     return f"{cpu}, {os.cpu_count()} cores, {versions}, {threads} thread{'s' if threads > 1 else ''}"
 
 
-def hf_twin(model: GPT):
-    """A GPT2LMHeadModel holding the same weights as `model`."""
-    import transformers
-
-    cfg = model.config
-    hf_cfg = transformers.GPT2Config(
-        vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-        n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        activation_function="gelu_new")
-    hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
-    sd = {k: (v.t() if k.endswith(TRANSPOSED) else v) for k, v in model.state_dict().items()}
-    sd = {k: v[: cfg.vocab_size] if k in ("transformer.wte.weight", "lm_head.weight") else v
-          for k, v in sd.items()}
-    missing, unexpected = hf.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not k.endswith((".attn.bias", ".attn.masked_bias"))]
-    if missing or unexpected:
-        raise RuntimeError(f"weights do not map onto transformers' GPT-2: missing {missing}, "
-                           f"unexpected {unexpected}")
+def hf_twin_for_generate(model: GPT):
+    hf = hf_twin(model)
     hf.generation_config.pad_token_id = 0
     return hf.to(next(model.parameters()).device)
 
@@ -121,7 +97,7 @@ def main() -> None:
     n, n_nc = args.new_tokens, args.no_cache_tokens or args.new_tokens
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_preset(args.model)).to(device).eval()
-    hf = None if args.skip_hf else hf_twin(model)
+    hf = None if args.skip_hf else hf_twin_for_generate(model)
 
     rows, notes = [], []
     for bs in args.batch_sizes:

@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,20 +31,16 @@ from gpt2lab import sources
 from gpt2lab.data import prepare
 from gpt2lab.tokenizer import EOT, GPT2_PATTERN, get_tokenizer
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import cpu_name  # noqa: E402
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DEFAULT_INPUTS = [SHARED / "corpora" / "shakespeare.txt.gz", SHARED / "corpora" / "austen",
                   SHARED / "corpora" / "kjv.txt.gz"]
 
 
 def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     return (f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}, "
             f"Python {platform.python_version()}, tiktoken {tiktoken.__version__}, numpy {np.__version__}")
 

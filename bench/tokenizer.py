@@ -33,6 +33,9 @@ from gpt2lab.tokenizer import EOT, GPT2_PATTERN, get_tokenizer
 from gpt2lab.tokenizer.bpe import load_gpt2_files
 from gpt2lab.tokenizer.train import train_bpe_from_texts
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import cpu_name  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 ASSETS = ROOT / "gpt2lab" / "assets" / "gpt2"
@@ -42,14 +45,7 @@ _SAFE_CUT = regex.compile(r"(?<=\S\n)(?=\S)")
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        cpu = platform.processor() or "unknown"
+    cpu = cpu_name()
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
