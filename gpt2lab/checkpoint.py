@@ -70,10 +70,11 @@ def read_json(path: str | os.PathLike, what: str, fix: str) -> dict:
 # ----------------------------------------------------------------------------- weights
 
 
-def save_weights(model: GPT, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
-    """The model's state dict as safetensors, the tied LM head left out, written atomically."""
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                 metadata: dict[str, str] | None = None) -> None:
+    """safetensors, written atomically (temporary name, fsync, rename)."""
     path = Path(path)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in TIED}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file(tensors, str(tmp), metadata={"format": "pt", **(metadata or {})})
     with open(tmp, "rb") as f:
@@ -81,15 +82,27 @@ def save_weights(model: GPT, path: str | os.PathLike, metadata: dict[str, str] |
     os.replace(tmp, path)
 
 
-def load_weights(model: GPT, path: str | os.PathLike) -> None:
+def read_tensors(path: str | os.PathLike, missing: str,
+                 corrupt: str = "the file is corrupt") -> dict[str, torch.Tensor]:
+    """A safetensors file; a missing or unreadable one is a UserError naming it."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path} does not exist; the run or checkpoint is incomplete")
+        raise UserError(f"{path} does not exist; {missing}")
     try:
-        state = load_file(str(path))
+        return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{path} cannot be read as safetensors ({e}); the file is corrupt, "
-                        "use another checkpoint") from None
+        raise UserError(f"{path} cannot be read as safetensors ({e}); {corrupt}") from None
+
+
+def save_weights(model: GPT, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """The model's state dict as safetensors, the tied LM head left out, written atomically."""
+    save_tensors({k: v for k, v in model.state_dict().items() if k not in TIED}, path, metadata)
+
+
+def load_weights(model: GPT, path: str | os.PathLike) -> None:
+    path = Path(path)
+    state = read_tensors(path, "the run or checkpoint is incomplete",
+                         "the file is corrupt, use another checkpoint")
     expected = {k: v.shape for k, v in model.state_dict().items() if k not in TIED}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

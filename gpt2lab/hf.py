@@ -489,18 +489,13 @@ def export_hf(run_dir: str | os.PathLike, out: str | os.PathLike, *, overwrite: 
                         f"{config.vocab_size} rows; the run dir is inconsistent, export another run")
 
     import torch
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
+    from gpt2lab.checkpoint import read_tensors
     from gpt2lab.model import GPT
 
     weights = run_dir / WEIGHTS_FILE
-    if not weights.is_file():
-        raise UserError(f"{weights} does not exist; the run is incomplete (did training finish?)")
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{weights} cannot be read as safetensors ({e}); the file is corrupt") from None
+    state = read_tensors(weights, "the run is incomplete (did training finish?)")
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items() if k != "lm_head.weight"}
     _check_tensors(state, expected, str(weights), "the run's config.json", config)

@@ -37,8 +37,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from gpt2lab import checkpoint as ckpt
 from gpt2lab.errors import UserError
@@ -194,36 +192,19 @@ def count_trainable(model: nn.Module) -> int:
 # ------------------------------------------------------------------------ files
 
 
-def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
-                 metadata: dict[str, str] | None = None) -> None:
-    """safetensors, written atomically (temporary name, fsync, rename)."""
-    path = Path(path)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"format": "pt", **(metadata or {})})
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_lora(model: nn.Module, path: str | os.PathLike) -> None:
     """Write the adapters (only) to `path`; the settings go into the file's metadata too."""
     tensors = lora_state_dict(model)
     if not tensors:
         raise ValueError("the model has no LoRA adapters to save; call apply_lora first")
     settings = getattr(model, "lora_settings", None)
-    save_tensors(tensors, path, {"lora": json.dumps(settings)} if settings else None)
+    ckpt.save_tensors(tensors, path, {"lora": json.dumps(settings)} if settings else None)
 
 
 def load_lora(model: nn.Module, path: str | os.PathLike) -> None:
     """Load adapters saved by `save_lora` into a model that `apply_lora` prepared the same way."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path} does not exist; a LoRA run dir holds its adapters in {LORA_FILE}")
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{path} cannot be read as safetensors ({e}); the file is corrupt") from None
+    state = ckpt.read_tensors(path, f"a LoRA run dir holds its adapters in {LORA_FILE}")
     expected = lora_state_dict(model)
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -239,7 +220,7 @@ def load_lora(model: nn.Module, path: str | os.PathLike) -> None:
 def save_lora_run_weights(model: nn.Module, run_dir: str | os.PathLike) -> None:
     """model.safetensors (the base, and any head) plus lora.safetensors (the adapters)."""
     run_dir = Path(run_dir)
-    save_tensors(base_state_dict(model), run_dir / ckpt.WEIGHTS_FILE)
+    ckpt.save_tensors(base_state_dict(model), run_dir / ckpt.WEIGHTS_FILE)
     save_lora(model, run_dir / LORA_FILE)
 
 
@@ -319,7 +300,7 @@ def merge_lora_run(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
     for extra in ("results.json",):
         if (run_dir / extra).is_file():
             shutil.copyfile(run_dir / extra, out / extra)
-    save_tensors(base_state_dict(model), out / ckpt.WEIGHTS_FILE)
+    ckpt.save_tensors(base_state_dict(model), out / ckpt.WEIGHTS_FILE)
     merged = {k: v for k, v in cfg.items() if k != "lora"}
     merged["merged_lora"] = {"from": str(run_dir.resolve()), **cfg["lora"]}
     ckpt.write_json(out / ckpt.CONFIG_FILE, merged)  # last: the run dir is complete once it exists
