@@ -1,129 +1,104 @@
-"""The run directory: the one format every command reads and writes.
+"""The run directory: the one format every command reads and writes, and its one loader.
 
     RUN_DIR/
-      config.json          {"format": "gpt2lab-run", "model", "train", "tokenizer", "data"}
-      tokenizer.json       the tokenizer the model was trained with
-      model.safetensors    the final weights (the LM head is tied to wte and stored once)
+      config.json          {"format": "gpt2lab-run", "version", "kind", "model", "tokenizer", "task",
+                            "train", "data", and per task: "template", "lora", "labels", "head", ...}
+      tokenizer.json       the tokenizer the model was trained with (its sha256 is in config.json)
+      model.safetensors    the final weights (a tied tensor stored once)
+      lora.safetensors     LoRA adapters, when the run trained them (model.safetensors is the base)
       metrics.jsonl        one JSON object per logged step / evaluation
       tensorboard/         event files, when tensorboard is installed
       checkpoints/step_000500/
           model.safetensors
           trainer.pt       optimizer, grad scaler and RNG states (tensors only: loaded weights_only)
-          state.json       step, data loader position, elapsed time
+          state.json       step, data position, elapsed time, the task's state
 
-Everything is written atomically (a temporary name, then a rename), so an
-interrupted command leaves the previous good state and never a half-written
-file. Weights are safetensors; the one torch.save file holds only tensors and
-plain containers and is read with `weights_only=True`: a checkpoint from a
-stranger cannot run code.
+`kind` is "lm" (a language model: pretrained, SFT, imported) or "classifier". `load_run` builds
+any of them: a LoRA run comes back with its adapters merged (or kept, `merge_lora=False`), a
+classifier as a `GPTClassifier`. Every command that takes a run dir goes through it.
+
+The format is versioned. Version 1 (the first gpt2lab) had no "kind"; `migrate` brings an old
+config up to date when it is read, so every run dir ever written still loads.
+
+Everything is written atomically (gpt2lab.io), so an interrupted command leaves the previous good
+state. Weights are safetensors; the one torch.save file holds only tensors and plain containers
+and is read with `weights_only=True`: a checkpoint from a stranger cannot run code.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
+from gpt2lab import io
 from gpt2lab.errors import UserError
-from gpt2lab.model import GPT, GPTConfig
+from gpt2lab.model import GPT, GPTClassifier, GPTConfig, unique_state_dict
 
 RUN_FORMAT = "gpt2lab-run"
-RUN_VERSION = 1
-CONFIG_FILE = "config.json"
+RUN_VERSION = 2
+CONFIG_FILE = io.RUN_CONFIG
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
+LORA_FILE = "lora.safetensors"
 CHECKPOINTS = "checkpoints"
+KINDS = ("lm", "classifier")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-TIED = ("lm_head.weight",)  # same tensor as transformer.wte.weight
-
-
-# ------------------------------------------------------------------ small atomic writers
-
-
-def write_json(path: str | os.PathLike, obj) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def read_json(path: str | os.PathLike, what: str, fix: str) -> dict:
-    path = Path(path)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path} does not exist; {fix}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}); the {what} is corrupt, {fix}") from None
 
 
 # ----------------------------------------------------------------------------- weights
 
 
-def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
-                 metadata: dict[str, str] | None = None) -> None:
-    """safetensors, written atomically (temporary name, fsync, rename)."""
+def save_weights(model: torch.nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None,
+                 exclude_lora: bool = False) -> None:
+    """The model's tensors as safetensors, each once (a tied LM head is the embedding), atomically.
+    `exclude_lora`: leave out LoRA adapters (a LoRA run's model.safetensors holds the base only)."""
+    state = unique_state_dict(model)
+    if exclude_lora:
+        state = {k: v for k, v in state.items() if not k.endswith((".lora_A", ".lora_B"))}
+    io.save_tensors(state, path, metadata)
+
+
+def load_weights(model: torch.nn.Module, path: str | os.PathLike, config_name: str = "config.json") -> None:
+    """Load a weights file into `model`, checking every name and shape (LoRA adapters, which live in their
+    own file, are not expected here)."""
     path = Path(path)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"format": "pt", **(metadata or {})})
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def read_tensors(path: str | os.PathLike, missing: str,
-                 corrupt: str = "the file is corrupt") -> dict[str, torch.Tensor]:
-    """A safetensors file; a missing or unreadable one is a UserError naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path} does not exist; {missing}")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{path} cannot be read as safetensors ({e}); {corrupt}") from None
-
-
-def save_weights(model: GPT, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
-    """The model's state dict as safetensors, the tied LM head left out, written atomically."""
-    save_tensors({k: v for k, v in model.state_dict().items() if k not in TIED}, path, metadata)
-
-
-def load_weights(model: GPT, path: str | os.PathLike) -> None:
-    path = Path(path)
-    state = read_tensors(path, "the run or checkpoint is incomplete",
-                         "the file is corrupt, use another checkpoint")
-    expected = {k: v.shape for k, v in model.state_dict().items() if k not in TIED}
+    state = io.read_tensors(path, "the run or checkpoint is incomplete (did training finish?)",
+                            "the file is corrupt, use another checkpoint")
+    expected = {k: v.shape for k, v in unique_state_dict(model).items()
+                if not k.endswith((".lora_A", ".lora_B")) or k in state}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise UserError(f"{path} does not fit the model in config.json (missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]}); the weights and config come from different runs")
+        raise UserError(f"{path} does not fit the model in {config_name} (missing {missing[:3]}, unexpected "
+                        f"{unexpected[:3]}); the weights and the config come from different runs")
     for k, shape in expected.items():
         if state[k].shape != shape:
-            raise UserError(f"{path}: tensor {k} has shape {tuple(state[k].shape)}, the config "
-                            f"expects {tuple(shape)}")
-    model.load_state_dict(state, strict=False)
+            raise UserError(f"{path}: tensor {k} has shape {tuple(state[k].shape)}, {config_name} implies "
+                            f"{tuple(shape)}; the weights and the config come from different runs")
+    with torch.no_grad():
+        for k, t in unique_state_dict(model).items():
+            if k in state:
+                t.copy_(state[k])
 
 
-# --------------------------------------------------------------------------- run dirs
+# --------------------------------------------------------------------------- run configs
 
 
 def write_run_config(run_dir: str | os.PathLike, model_config: GPTConfig, *, tokenizer_identity: dict,
-                     train: dict | None = None, data: dict | None = None, extra: dict | None = None) -> None:
-    write_json(Path(run_dir) / CONFIG_FILE, {
+                     kind: str = "lm", task: str | None = None, train: dict | None = None,
+                     data: dict | None = None, extra: dict | None = None) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    io.write_json(Path(run_dir) / CONFIG_FILE, {
         "format": RUN_FORMAT,
         "version": RUN_VERSION,
+        "kind": kind,
+        "task": task,
         "model": model_config.to_dict(),
         "tokenizer": tokenizer_identity,
         "train": train,
@@ -132,43 +107,171 @@ def write_run_config(run_dir: str | os.PathLike, model_config: GPTConfig, *, tok
     })
 
 
-def read_run_config(run_dir: str | os.PathLike) -> dict:
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"run directory {run_dir} does not exist; train one with `gpt2lab pretrain` "
-                        "or import one with `gpt2lab import-hf`")
-    cfg = read_json(run_dir / CONFIG_FILE, "run config",
-                    "train again or pass the directory that `gpt2lab pretrain --out` wrote")
-    if cfg.get("format") != RUN_FORMAT:
-        raise UserError(f"{run_dir / CONFIG_FILE} is not a gpt2lab run config (format "
-                        f"{cfg.get('format')!r}); pass a directory written by `gpt2lab pretrain`")
-    if cfg.get("version") != RUN_VERSION:
-        raise UserError(f"{run_dir / CONFIG_FILE} has run format version {cfg.get('version')}; this "
-                        f"gpt2lab reads version {RUN_VERSION}")
+def migrate(cfg: dict) -> dict:
+    """A run config of any earlier version, brought to the current one (nothing else changes)."""
+    cfg = dict(cfg)
+    if cfg.get("version") == 1:
+        # version 1 had no "kind": a classifier said so with "task"; everything else was a language model
+        cfg["kind"] = "classifier" if cfg.get("task") == "classify" else "lm"
+        cfg.setdefault("task", None)
+        cfg["version"] = 2
     return cfg
 
 
-def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", weights: str | None = None,
-             fast_tokenizer: bool = True):
-    """(model, tokenizer) from a run dir; `weights` picks another safetensors file (a checkpoint's)."""
+@dataclass
+class RunInfo:
+    """What a run dir's config.json says, checked."""
+
+    path: Path
+    config: dict  # the whole config.json, migrated
+    model_config: GPTConfig
+    kind: str  # "lm" or "classifier"
+    template: str | None  # the chat format of an instruction-tuned model
+    lora: dict | None  # {"rank", "alpha", "dropout", "targets"} when the run holds adapters
+    labels: list[str] | None  # a classifier's classes
+    head: dict | None  # a classifier's head settings
+
+    @property
+    def tokenizer_sha256(self) -> str:
+        return self.config["tokenizer"]["sha256"]
+
+
+def _bad(run_dir: Path, what: str) -> UserError:
+    return UserError(f"{run_dir / CONFIG_FILE} {what}; the run dir is damaged, train or import it again")
+
+
+def read_run_config(run_dir: str | os.PathLike) -> dict:
+    """config.json of a run dir, checked and migrated to the current version."""
+    return open_run(run_dir).config
+
+
+def open_run(run_dir: str | os.PathLike, flag: str | None = None) -> RunInfo:
+    """A run dir's description, every field checked; `flag` names the argument in messages."""
+    run_dir = Path(run_dir)
+    name = f"{flag} {run_dir}" if flag else f"run directory {run_dir}"
+    if not run_dir.exists():
+        raise UserError(f"{name} does not exist; train one with `gpt2lab pretrain` or import one with "
+                        "`gpt2lab import-hf`")
+    if not run_dir.is_dir():
+        raise UserError(f"{name} is a file, not a run directory; pass the directory `gpt2lab pretrain --out` "
+                        "wrote")
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise UserError(f"{name} is not a run directory (it has no {CONFIG_FILE}); pass a directory written "
+                        "by `gpt2lab pretrain`, `finetune` or `import-hf`")
+    cfg = io.read_json_object(run_dir / CONFIG_FILE, "run config", "train again or import the model again")
+    if cfg.get("format") != RUN_FORMAT:
+        raise UserError(f"{run_dir / CONFIG_FILE} is not a gpt2lab run config (format {cfg.get('format')!r}); "
+                        "pass a directory written by `gpt2lab pretrain`")
+    version = cfg.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise _bad(run_dir, f"has no valid format version ({version!r})")
+    if version > RUN_VERSION:
+        raise UserError(f"{run_dir / CONFIG_FILE} has run format version {version}; this gpt2lab reads "
+                        f"versions up to {RUN_VERSION}: upgrade gpt2lab")
+    cfg = migrate(cfg)
+    try:
+        model_config = GPTConfig.from_dict(cfg.get("model"))
+    except UserError as e:
+        raise _bad(run_dir, f"has an invalid model config ({e})") from None
+    kind = cfg.get("kind")
+    if kind not in KINDS:
+        raise _bad(run_dir, f"has kind {kind!r}, expected one of {', '.join(KINDS)}")
+    tok = cfg.get("tokenizer")
+    if not isinstance(tok, dict) or not isinstance(tok.get("sha256"), str):
+        raise _bad(run_dir, "has no tokenizer identity (\"tokenizer\": {\"sha256\": ...})")
+    template = cfg.get("template")
+    if template is not None:
+        from gpt2lab.templates import FORMATS
+
+        if not isinstance(template, str) or template not in FORMATS:
+            raise _bad(run_dir, f"names an unknown chat format {template!r} (known: {', '.join(FORMATS)})")
+    lora = _check_lora(cfg.get("lora"), run_dir) if cfg.get("lora") else None
+    labels = head = None
+    if kind == "classifier":
+        labels, head = cfg.get("labels"), cfg.get("head")
+        if (not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) for x in labels)
+                or not isinstance(head, dict) or head.get("num_classes") != len(labels)):
+            raise _bad(run_dir, "is a classifier config without valid \"labels\" and \"head\" entries")
+    return RunInfo(run_dir, cfg, model_config, kind, template, lora, labels, head)
+
+
+def _check_lora(settings, run_dir: Path) -> dict:
+    try:
+        rank, alpha = settings["rank"], float(settings["alpha"])
+        dropout, targets = float(settings.get("dropout", 0.0)), list(settings["targets"])
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1 or not targets \
+                or not all(isinstance(t, str) for t in targets) or not (alpha == alpha and abs(alpha) < 1e30) \
+                or not 0.0 <= dropout < 1.0:
+            raise ValueError("rank must be a positive integer, alpha finite, targets a list of names")
+    except (KeyError, TypeError, ValueError) as e:
+        raise _bad(run_dir, f"has a malformed \"lora\" entry ({e}); expected {{rank, alpha, dropout, targets}}") \
+            from None
+    return {"rank": rank, "alpha": alpha, "dropout": dropout, "targets": targets}
+
+
+def load_tokenizer(info: RunInfo, fast: bool = True):
+    """The run's tokenizer, checked to be the one config.json names and to fit the model."""
     from gpt2lab.tokenizer import load_tokenizer_file
 
-    run_dir = Path(run_dir)
-    cfg = read_run_config(run_dir)
-    if cfg.get("task") == "classify":
-        raise UserError(f"{run_dir} is a classifier, not a language model; use `gpt2lab classify {run_dir}`")
-    if cfg.get("lora") and weights is None:
-        # base weights plus adapters: fold them in for inference
-        from gpt2lab.finetune.lora import load_lora_run
+    path = info.path / TOKENIZER_FILE
+    tok = load_tokenizer_file(path, fast=fast)
+    if tok.fingerprint != info.tokenizer_sha256:
+        raise UserError(f"{path} is not the tokenizer this run was trained with (sha256 "
+                        f"{tok.fingerprint[:12]}..., config.json says {info.tokenizer_sha256[:12]}...); put "
+                        "the run's own tokenizer.json back")
+    if tok.vocab_size > info.model_config.vocab_size:
+        raise UserError(f"{path} has {tok.vocab_size} tokens but the model only {info.model_config.vocab_size} "
+                        "rows; the run dir is inconsistent")
+    return tok
 
-        return load_lora_run(run_dir, device=device, merge=True, fast_tokenizer=fast_tokenizer)
-    try:
-        model_config = GPTConfig.from_dict(cfg["model"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{run_dir / CONFIG_FILE} has an invalid model config ({e})") from None
-    tokenizer = load_tokenizer_file(run_dir / TOKENIZER_FILE, fast=fast_tokenizer)
-    model = GPT(model_config)
-    load_weights(model, weights or (run_dir / WEIGHTS_FILE))
+
+def build_model(info: RunInfo) -> torch.nn.Module:
+    """The empty model a run config describes (no weights loaded)."""
+    if info.kind == "classifier":
+        return GPTClassifier(info.model_config, len(info.labels))
+    return GPT(info.model_config)
+
+
+def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", *, merge_lora: bool = True,
+             weights: str | os.PathLike | None = None, fast_tokenizer: bool = True, kind: str | None = None,
+             flag: str | None = None):
+    """(model, tokenizer) of any run dir: language model or classifier, with or without LoRA adapters.
+
+    A LoRA run's adapters are merged into the weights (`merge_lora=False` keeps them as adapters:
+    then only they have requires_grad). `weights`: another weights file (a checkpoint's, which
+    holds the adapters itself). `kind` ("lm" or "classifier") refuses the other kind with a message
+    naming the command that takes it. The model is returned in eval mode.
+    """
+    info = open_run(run_dir, flag)
+    where = f"{flag} {run_dir}" if flag else str(run_dir)
+    if kind == "lm" and info.kind == "classifier":
+        raise UserError(f"{where} is a classifier, not a language model; use it with `gpt2lab classify`, or "
+                        "pass the language model it was fine-tuned from")
+    if kind == "classifier" and info.kind != "classifier":
+        raise UserError(f"{where} is a language model, not a classifier; make one with "
+                        "`gpt2lab finetune classify --init RUN_DIR ...`")
+    tokenizer = load_tokenizer(info, fast_tokenizer)
+    model = build_model(info)
+    if info.lora is not None:
+        from gpt2lab.finetune import lora
+
+        lora.apply_lora(model, info.lora["rank"], info.lora["alpha"], info.lora["dropout"],
+                        info.lora["targets"], freeze=False)
+    if weights is not None:
+        load_weights(model, weights)
+    else:
+        load_weights(model, info.path / WEIGHTS_FILE)
+        if info.lora is not None:
+            from gpt2lab.finetune import lora
+
+            lora.load_lora(model, info.path / LORA_FILE)
+    if info.lora is not None:
+        from gpt2lab.finetune import lora
+
+        if merge_lora:
+            lora.merge_lora(model)
+        else:
+            lora.freeze_all_but_adapters(model)
     return model.to(device).eval(), tokenizer
 
 
@@ -184,69 +287,76 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()
+             and (p / "state.json").is_file()]
     return [p for _, p in sorted(found)]
 
 
-def save_checkpoint(run_dir: str | os.PathLike, step: int, model: GPT, trainer_state: dict, state: dict,
-                    keep: int) -> Path:
+def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Module, trainer_state: dict,
+                    state: dict, keep: int) -> Path:
     """Write checkpoints/step_N as a whole (temporary dir + rename), then keep the newest `keep`."""
     final = checkpoint_path(run_dir, step)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_weights(model, tmp / WEIGHTS_FILE)
-    with open(tmp / "trainer.pt.tmp", "wb") as f:
-        torch.save(trainer_state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp / "trainer.pt.tmp", tmp / "trainer.pt")
-    write_json(tmp / "state.json", state)
-    if final.exists():  # a re-run of the same step after a resume
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fsync_dir(final.parent)
+    with io.staging(final) as tmp:
+        save_weights(model, tmp / WEIGHTS_FILE)
+        with io.atomic_file(tmp / "trainer.pt", "wb") as f:
+            torch.save(trainer_state, f)
+        io.write_json(tmp / "state.json", state)
+        if final.exists():  # a re-run of the same step after a resume
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    io.fsync_dir(final.parent)
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def clean_partial_checkpoints(run_dir: str | os.PathLike) -> None:
-    """Remove what an interrupted save left behind (never a complete checkpoint)."""
-    root = Path(run_dir) / CHECKPOINTS
-    if root.is_dir():
-        for p in root.iterdir():
-            if p.name.startswith(".") and ".tmp-" in p.name:
-                shutil.rmtree(p, ignore_errors=True)
+    """Remove what interrupted writes left behind (never a complete checkpoint)."""
+    io.remove_stale_temps(Path(run_dir) / CHECKPOINTS)
+    io.remove_stale_temps(run_dir)
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:
     """(trainer_state, state) of a checkpoint dir; the weights are loaded by `load_weights`."""
     path = Path(path)
-    state = read_json(path / "state.json", "checkpoint state", "resume from an earlier checkpoint "
-                      "(delete this one)")
+    fix = "delete it to resume from an earlier one"
+    state = io.read_json_object(path / "state.json", "checkpoint state", fix)
     trainer_file = path / "trainer.pt"
     if not trainer_file.is_file():
-        raise UserError(f"{trainer_file} does not exist; the checkpoint is incomplete, delete it to "
-                        "resume from an earlier one")
+        raise UserError(f"{trainer_file} does not exist; the checkpoint is incomplete, {fix}")
     try:
         trainer_state = torch.load(trainer_file, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a damaged or hostile file
-        raise UserError(f"{trainer_file} cannot be loaded ({str(e).splitlines()[0]}); the checkpoint is "
-                        "corrupt, delete it to resume from an earlier one") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{trainer_file} cannot be loaded ({first[:200]}); the checkpoint is corrupt, {fix}") \
+            from None
     return trainer_state, state
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename inside `path` durable (where the platform allows it)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # not possible on every platform; the rename is what matters
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def write_merged_run(run_dir: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write `out`: the LoRA run in `run_dir` with its adapters folded into the weights, an ordinary run dir."""
+    run_dir, out = Path(run_dir), Path(out)
+    info = open_run(run_dir)
+    if info.lora is None:
+        raise UserError(f"{run_dir} has no LoRA adapters (no \"lora\" entry in config.json); "
+                        "it is already an ordinary run dir")
+    io.check_output_dir(out, "run", overwrite=overwrite, flag="--out", inputs=[run_dir])
+    model, tokenizer = load_run(run_dir, merge_lora=True)
+    merged = {k: v for k, v in info.config.items() if k != "lora"}
+    merged["merged_lora"] = {"from": str(run_dir.resolve()), **info.lora}
+    with io.staging(out) as tmp:
+        tokenizer.save(tmp)
+        for extra in ("results.json", "metrics.jsonl"):
+            if (run_dir / extra).is_file():
+                shutil.copyfile(run_dir / extra, tmp / extra)
+        save_weights(model, tmp / WEIGHTS_FILE)
+        io.write_json(tmp / CONFIG_FILE, merged)
+        io.publish(tmp, out)
+    return out
+
+
+__all__ = ["CHECKPOINTS", "CONFIG_FILE", "LORA_FILE", "RUN_VERSION", "RunInfo", "TOKENIZER_FILE", "WEIGHTS_FILE",
+           "build_model", "checkpoint_path", "clean_partial_checkpoints", "list_checkpoints", "load_checkpoint",
+           "load_run", "load_tokenizer", "load_weights", "migrate", "open_run", "read_run_config",
+           "save_checkpoint", "save_weights", "write_merged_run", "write_run_config"]

@@ -1,6 +1,6 @@
-"""Text -> token shards -> batches: everything between raw text and the training loop.
+"""The data directory and its shards, read back as batches.
 
-`prepare` turns a corpus into a *data directory*::
+`gpt2lab prepare` (prepare.py) writes a *data directory*::
 
     data/
       meta.json           what is in here: tokenizer identity, dtype, token counts, shard names
@@ -8,25 +8,9 @@
       train_000000.bin    the training ids, in order (more shards if there are many tokens)
       val_000000.bin      the held-out ids
 
-and the rest of this module reads it back: `read_meta`, `check_tokenizer`,
-`open_shard`, `load_tokens`, `TokenLoader` (the batches of pretraining) and
-`SlidingWindowDataset` (the same idea as a `torch.utils.data.Dataset`).
-
-Documents
----------
-Every document is preceded by `<|endoftext|>` (the "eot" token). GPT-2 was
-trained this way: the token ends the document before it and announces the
-one after it, so the first token of each split is eot and a model sampling
-from a lone eot starts a fresh document. Text is encoded with
-`encode_ordinary`, so a document that merely *contains* the characters
-"<|endoftext|>" gets ordinary ids for them, never the special id.
-
-Whole documents go to train or val. Document i (counting from 0) goes to val
-when floor((i+1)*f) > floor(i*f), with f = val_fraction. That puts exactly
-floor(n*f) of the first n documents in val, spread evenly (with f = 0.01,
-documents 99, 199, 299, ...), and it is decided the moment a document
-arrives, so the corpus can be streamed. f is taken as the decimal it is
-written as (0.005 is exactly 1/200), so the rule has no rounding surprises.
+and this module reads it: `read_meta`, `check_tokenizer`, `open_shard`, `load_tokens`,
+`TokenLoader` (the batches of pretraining) and `SlidingWindowDataset` (the same idea as a
+`torch.utils.data.Dataset`).
 
 Shard files
 -----------
@@ -45,46 +29,24 @@ uint16 is used when every id fits (vocab_size <= 65536, true of GPT-2's
 train_000001.bin, ... and a new one is started every `shard_tokens` ids.
 The fixed header keeps the ids aligned and lets `np.memmap` read a shard of
 any size without loading it: a batch only touches the pages it needs.
-
-Robustness
-----------
-Tokenising runs in worker processes that each build their tokenizer once;
-pieces of text go out in order and ids come back in order, and at most a few
-batches are in flight, so memory stays bounded however big the corpus is.
-Ids are appended to the shard files as they come. The directory is built
-under a hidden temporary name next to the target and renamed into place only
-when complete; any failure or Ctrl-C removes it. A directory with a
-meta.json is therefore always a finished one.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import multiprocessing as mp
 import os
-import shutil
-import signal
 import struct
-import sys
-import time
-from collections import deque
-from datetime import datetime, timezone
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from gpt2lab import sources
-from gpt2lab.checkpoint import fsync_dir, write_json
+from gpt2lab import io
 from gpt2lab.errors import UserError
-from gpt2lab.tokenizer import BPETokenizer, FastTokenizer, Tokenizer, get_tokenizer, load_tokenizer_file
+from gpt2lab.tokenizer import Tokenizer, load_tokenizer_file
 
 FORMAT = "gpt2lab-data"
 VERSION = 1
-META_FILE = "meta.json"
+META_FILE = io.DATA_META
 TOKENIZER_FILE = "tokenizer.json"
 SPLITS = ("train", "val")
 
@@ -92,12 +54,6 @@ MAGIC = b"GPT2LABT"
 SHARD_VERSION = 1
 HEADER_BYTES = 1024
 _HEADER = struct.Struct("<8sIIQ")  # magic, version, itemsize, count
-
-# How text is cut and batched on its way to the workers. Module-level so that
-# tests can make them tiny and exercise the cutting and batching paths.
-CHUNK_CHARS = sources.CHUNK_CHARS  # a document is cut into pieces of about this size
-BATCH_CHARS = 1 << 20  # characters sent to a worker in one task
-BATCH_PIECES = 4096  # ... or this many pieces, whichever comes first
 
 
 # --------------------------------------------------------------------- shards
@@ -111,64 +67,6 @@ def dtype_for_vocab(vocab_size: int) -> np.dtype:
 def shard_header(count: int, itemsize: int) -> bytes:
     """The 1024-byte header of a shard holding `count` ids of `itemsize` bytes."""
     return _HEADER.pack(MAGIC, SHARD_VERSION, itemsize, count).ljust(HEADER_BYTES, b"\0")
-
-
-class ShardWriter:
-    """Appends the ids of one split to numbered shard files, rolling over every `shard_tokens` ids.
-
-    A shard's header first says 0 ids; the real count is written when the
-    shard is finished, so a shard cut short never passes `open_shard`.
-    """
-
-    def __init__(self, directory: str | os.PathLike, split: str, dtype, shard_tokens: int):
-        if shard_tokens < 1:
-            raise ValueError(f"shard_tokens must be at least 1, got {shard_tokens}")
-        self.directory = Path(directory)
-        self.split = split
-        self.dtype = np.dtype(dtype)
-        self.shard_tokens = shard_tokens
-        self.shards: list[str] = []  # names of the shards written so far
-        self.tokens = 0  # ids written in all shards
-        self._file = None
-        self._count = 0  # ids in the open shard
-
-    def write(self, ids: np.ndarray) -> None:
-        ids = np.asarray(ids)
-        if ids.dtype != self.dtype:
-            ids = ids.astype(self.dtype)
-        while len(ids):
-            if self._file is None:
-                name = f"{self.split}_{len(self.shards):06d}.bin"
-                self._file = open(self.directory / name, "wb", buffering=1 << 20)
-                self._file.write(shard_header(0, self.dtype.itemsize))
-                self.shards.append(name)
-            room = self.shard_tokens - self._count
-            part, ids = ids[:room], ids[room:]
-            self._file.write(part.tobytes())
-            self._count += len(part)
-            self.tokens += len(part)
-            if self._count == self.shard_tokens:
-                self._finish_shard()
-
-    def _finish_shard(self) -> None:
-        f = self._file
-        f.seek(0)
-        f.write(shard_header(self._count, self.dtype.itemsize))
-        f.flush()
-        os.fsync(f.fileno())
-        f.close()
-        self._file, self._count = None, 0
-
-    def close(self) -> list[str]:
-        if self._file is not None:
-            self._finish_shard()
-        return self.shards
-
-    def abort(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
 
 def open_shard(path: str | os.PathLike) -> np.ndarray:
     """The ids of one shard as a read-only memory map, after checking its header and size."""
@@ -200,299 +98,6 @@ def open_shard(path: str | os.PathLike) -> np.ndarray:
         return np.empty(0, dtype=dtype)  # a zero-length file region cannot be memory-mapped
     return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(count,))
 
-
-# ------------------------------------------------------------------- prepare
-
-
-class _ValSplitter:
-    """Document i goes to val when floor((i+1)*f) > floor(i*f), in exact integer arithmetic."""
-
-    def __init__(self, val_fraction: float):
-        # str(0.005) == "0.005", so 0.005 becomes exactly 1/200
-        frac = Fraction(str(float(val_fraction)))
-        self.num, self.den = frac.numerator, frac.denominator
-
-    def is_val(self, i: int) -> bool:
-        return (i + 1) * self.num // self.den > i * self.num // self.den
-
-    def first_val(self) -> int:
-        """How many documents it takes before one goes to val."""
-        return math.ceil(self.den / self.num) if self.num else 0
-
-
-def _tokenizer_spec(tok: Tokenizer, given) -> tuple:
-    """How a worker process rebuilds the tokenizer: by name/path, or from its full definition."""
-    if isinstance(given, (str, os.PathLike)):
-        spec = str(given)
-        return ("path", spec if spec == "gpt2" else str(Path(spec).resolve()))
-    return ("dict", tok.to_dict(), tok.fast)
-
-
-def _build_tokenizer(spec: tuple) -> Tokenizer:
-    if spec[0] == "path":
-        return get_tokenizer(spec[1])
-    slow = BPETokenizer.from_dict(spec[1])
-    return FastTokenizer(slow) if spec[2] else slow
-
-
-_worker: dict = {}  # a worker process's tokenizer, eot id and id dtype, set by _init_worker
-
-
-def _init_worker(spec: tuple, eot_id: int, dtype: str) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled once, by the parent
-    _worker.update(tok=_build_tokenizer(spec), eot_id=eot_id, dtype=np.dtype(dtype))
-
-
-def _encode_pieces(tok: Tokenizer, eot_id: int, dtype: np.dtype, texts: list[str],
-                   starts: list[bool]) -> tuple[np.ndarray, np.ndarray]:
-    """Encode a batch of pieces: one flat id array (eot before each document's first piece)
-    and the number of ids each piece contributed to it."""
-    ids: list[int] = []
-    lengths = np.empty(len(texts), dtype=np.int64)
-    for k, (text, start) in enumerate(zip(texts, starts)):
-        before = len(ids)
-        if start:
-            ids.append(eot_id)
-        ids.extend(tok.encode_ordinary(text))
-        lengths[k] = len(ids) - before
-    return np.array(ids, dtype=dtype), lengths
-
-
-def _encode_in_worker(texts: list[str], starts: list[bool]) -> tuple[np.ndarray, np.ndarray]:
-    return _encode_pieces(_worker["tok"], _worker["eot_id"], _worker["dtype"], texts, starts)
-
-
-def _pool_context():
-    # fork starts workers instantly and shares the already-loaded vocabulary;
-    # elsewhere use the platform's safe default (spawn)
-    return mp.get_context("fork") if sys.platform.startswith("linux") else mp.get_context()
-
-
-def _batches(pieces, splitter: _ValSplitter, counts: dict):
-    """Group pieces into worker tasks: (texts, starts, splits, chars).
-
-    Assigns each non-empty document its index and split; empty documents
-    (an empty file, two separators in a row) are dropped.
-    """
-    texts, starts, splits, chars = [], [], [], 0
-    starting, split = True, 0
-    for piece in pieces:
-        if starting:
-            if not piece.text:  # an empty document: nothing to write, not counted
-                continue
-            split = 1 if splitter.is_val(counts["documents"]) else 0
-            counts["documents"] += 1
-        if piece.text:
-            texts.append(piece.text)
-            starts.append(starting)
-            splits.append(split)
-            chars += len(piece.text)
-        starting = piece.last
-        if chars >= BATCH_CHARS or len(texts) >= BATCH_PIECES:
-            yield texts, starts, splits, chars
-            texts, starts, splits, chars = [], [], [], 0
-    if texts:
-        yield texts, starts, splits, chars
-
-
-def _write_result(result, splits: list[int], writers: list[ShardWriter]) -> None:
-    """Write a batch's ids, one write per run of pieces that go to the same split."""
-    ids, lengths = result
-    ends = np.cumsum(lengths)
-    run_start, begin = 0, 0
-    for k in range(1, len(splits) + 1):
-        if k == len(splits) or splits[k] != splits[run_start]:
-            end = int(ends[k - 1])
-            writers[splits[run_start]].write(ids[begin:end])
-            run_start, begin = k, end
-
-
-def prepare(
-    inputs: list[str],
-    out_dir: str | os.PathLike,
-    *,
-    tokenizer: str | os.PathLike | Tokenizer = "gpt2",
-    val_fraction: float = 0.005,
-    text_field: str = "text",
-    doc_separator: str | None = None,
-    hf_dataset: str | None = None,
-    hf_split: str = "train",
-    hf_config: str | None = None,
-    workers: int | None = None,
-    shard_tokens: int = 100_000_000,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> dict:
-    """Tokenise documents into a data directory of train/val shards; returns its meta.json.
-
-    inputs: files (.txt, .gz, .jsonl, ...), directories and globs, read by
-      `gpt2lab.sources` (empty when `hf_dataset` is given: one or the other).
-    tokenizer: 'gpt2', a tokenizer directory, or a tokenizer object.
-    val_fraction: share of whole documents held out, by the rule in the module docstring.
-    doc_separator: also cut files into documents at this string.
-    workers: tokeniser processes (default: all CPUs; 1 runs in this process).
-    shard_tokens: ids per shard file.
-    overwrite: replace an existing `out_dir` (only once the new one is complete).
-    """
-    t0 = time.perf_counter()
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]
-    inputs = [str(x) for x in inputs]
-    if hf_dataset and inputs:
-        raise UserError("give either input files or --hf-dataset, not both; prepare them into separate "
-                        "data directories")
-    if not 0 <= val_fraction < 1:
-        raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}; e.g. --val-fraction 0.005")
-    if shard_tokens < 1:
-        raise UserError(f"shard_tokens must be at least 1, got {shard_tokens}")
-    workers = (os.cpu_count() or 1) if workers is None else workers
-    if workers < 1:
-        raise UserError(f"workers must be at least 1, got {workers}")
-
-    out = Path(out_dir).absolute()
-    if out.exists() and not (overwrite and out.is_dir()):
-        what = "a file" if not out.is_dir() else "a directory"
-        raise UserError(f"{out_dir} already exists ({what}); choose another --out"
-                        + (" or pass --overwrite to replace it" if out.is_dir() else ""))
-    tok = get_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
-    if tok.eot_id is None:
-        raise UserError(f"tokenizer {tok.name!r} has no <|endoftext|> token to separate documents; "
-                        "train one with `gpt2lab tokenizer train` (it adds it) or use 'gpt2'")
-    dtype = dtype_for_vocab(tok.vocab_size)
-
-    if not hf_dataset:
-        sources.expand_inputs(inputs)  # fail on a bad path before starting any work
-    stats = sources.ReadStats()
-    if hf_dataset:
-        pieces = sources.iter_hf_pieces(hf_dataset, hf_split, hf_config, text_field, stats,
-                                        chunk_chars=CHUNK_CHARS)
-    else:
-        pieces = sources.iter_pieces(inputs, text_field, doc_separator, stats,
-                                     chunk_chars=CHUNK_CHARS)
-    splitter = _ValSplitter(val_fraction)
-    counts = {"documents": 0}
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    writers = [ShardWriter(tmp, split, dtype, shard_tokens) for split in SPLITS]
-    documents = [0, 0]
-    pool = None
-    bar = None
-    try:
-        if workers > 1:
-            pool = _pool_context().Pool(workers, initializer=_init_worker,
-                                        initargs=(_tokenizer_spec(tok, tokenizer), tok.eot_id, dtype.str))
-        bar = tqdm(desc="tokenising", unit="char", unit_scale=True, disable=not progress,
-                   dynamic_ncols=True, file=sys.stderr)
-
-        def consume(result, batch):
-            texts, starts, splits, chars = batch
-            _write_result(result, splits, writers)
-            for start, split in zip(starts, splits):
-                documents[split] += start
-            bar.update(chars)
-
-        # Pool.imap would read the whole input ahead of the workers (unbounded
-        # memory); instead keep a fixed number of batches in flight, in order.
-        in_flight: deque = deque()
-        for batch in _batches(pieces, splitter, counts):
-            if pool is None:  # workers=1: tokenise right here
-                consume(_encode_pieces(tok, tok.eot_id, dtype, batch[0], batch[1]), batch)
-                continue
-            in_flight.append((pool.apply_async(_encode_in_worker, (batch[0], batch[1])), batch))
-            if len(in_flight) >= 2 * workers + 2:
-                job, done = in_flight.popleft()
-                consume(job.get(), done)
-        while in_flight:
-            job, done = in_flight.popleft()
-            consume(job.get(), done)
-        bar.close()
-
-        shards = [w.close() for w in writers]
-        tokens = [w.tokens for w in writers]
-        if counts["documents"] == 0:
-            where = f"the dataset {hf_dataset!r}" if hf_dataset else ", ".join(map(str, inputs))
-            hint = f", or check --text-field {text_field!r}" if stats.skipped_records else ""
-            raise UserError(f"{where} holds no text (no non-empty document); give input that contains "
-                            f"text{hint}")
-        if val_fraction > 0 and tokens[1] == 0:
-            n = counts["documents"]
-            raise UserError(f"the input has {n} document{'s' * (n != 1)}, too few for --val-fraction "
-                            f"{val_fraction}: the first validation document is number "
-                            f"{splitter.first_val()}; split files into documents with --doc-separator "
-                            "(e.g. '\\n\\n'), add documents, raise --val-fraction, or pass --val-fraction 0 "
-                            "for no validation split")
-        if tokens[0] == 0:
-            raise UserError("every document went to the validation split; lower --val-fraction")
-
-        tok.save(tmp)
-        meta = {
-            "format": FORMAT,
-            "version": VERSION,
-            "tokenizer": tok.identity(),
-            "vocab_size": tok.vocab_size,
-            "eot_id": tok.eot_id,
-            "dtype": dtype.name,
-            "splits": {split: {"tokens": tokens[k], "documents": documents[k], "shards": shards[k]}
-                       for k, split in enumerate(SPLITS)},
-            "sources": list(stats.sources),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "val_fraction": float(val_fraction),
-            "doc_separator": doc_separator,
-            "input": {"files": stats.files, "chars": stats.chars, "replaced_bytes": stats.replaced_bytes,
-                      "skipped_records": stats.skipped_records},
-        }
-        write_json(tmp / META_FILE, meta)
-        fsync_dir(tmp)
-        _move_into_place(tmp, out)
-    except BaseException:
-        if bar is not None:
-            bar.close()
-        for w in writers:
-            w.abort()
-        if pool is not None:
-            pool.terminate()
-            pool = None
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
-
-    seconds = time.perf_counter() - t0
-    if progress:
-        total = sum(tokens)
-        docs = [f"{n:,} document{'s' * (n != 1)}" for n in documents]
-        line = (f"prepared {out_dir}: train {tokens[0]:,} tokens ({docs[0]}), "
-                f"val {tokens[1]:,} tokens ({docs[1]}) in {seconds:.1f} s, "
-                f"{total / max(seconds, 1e-9):,.0f} tokens/s")
-        if stats.replaced_bytes:
-            line += f"; replaced {stats.replaced_bytes:,} invalid UTF-8 bytes with U+FFFD"
-        if stats.skipped_records:
-            line += f"; skipped {stats.skipped_records:,} records with empty text"
-        print(line, flush=True)
-    return meta
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished temp dir to `out`; an old `out` is removed only after that."""
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        os.rename(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 # ------------------------------------------------------------------- reading
 
 
@@ -500,16 +105,14 @@ def read_meta(data_dir: str | os.PathLike) -> dict:
     """meta.json of a data directory, checked to be one this gpt2lab can read."""
     d = Path(data_dir)
     fix = f"run `gpt2lab prepare --input ... --out {data_dir}` first"
-    if not d.is_dir():
+    if not d.exists():
         raise UserError(f"data directory {data_dir} does not exist; {fix}")
+    if not d.is_dir():
+        raise UserError(f"{data_dir} is a file, not a data directory; {fix}")
     path = d / META_FILE
     if not path.is_file():
         raise UserError(f"{data_dir} has no {META_FILE}, so it is not a prepared data directory; {fix}")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}); prepare the data again with "
-                        "`gpt2lab prepare --overwrite`") from None
+    meta = io.read_json(path, "data description", "prepare the data again with `gpt2lab prepare --overwrite`")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise UserError(f"{path} is not a gpt2lab data description (format {found!r}, expected "
@@ -517,6 +120,16 @@ def read_meta(data_dir: str | os.PathLike) -> dict:
     if meta.get("version") != VERSION:
         raise UserError(f"{path} has data format version {meta.get('version')!r}, this gpt2lab reads "
                         f"version {VERSION}; prepare the data again with `gpt2lab prepare --overwrite`")
+    try:
+        if not isinstance(meta["tokenizer"]["sha256"], str) or np.dtype(meta["dtype"]).kind != "u":
+            raise ValueError("bad tokenizer or dtype")
+        for split in meta["splits"].values():
+            if not isinstance(split["tokens"], int) or not all(isinstance(n, str) and "/" not in n
+                                                               and n.endswith(".bin") for n in split["shards"]):
+                raise ValueError("bad split")
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise UserError(f"{path} is damaged ({e}); prepare the data again with "
+                        "`gpt2lab prepare --overwrite`") from None
     return meta
 
 
@@ -568,28 +181,87 @@ def load_tokens(data_dir: str | os.PathLike, split: str = "train") -> np.ndarray
         return np.empty(0, dtype=np.dtype(meta["dtype"]))
     return np.concatenate(arrays)
 
-
 # ------------------------------------------------------------------- batches
+
+
+class GlobalOrder:
+    """Which items each process takes, from one global sequence of items: gpt2lab's one data order.
+
+    The items 0..n-1 are visited epoch after epoch, each epoch in a permutation drawn from (seed,
+    epoch) (or in order, `shuffle=False`). Every call of `next_indices` is one micro-batch on every
+    process: it takes the next batch_size x world_size items of the sequence, and rank r gets its
+    slice [r * batch_size, (r + 1) * batch_size). The order is thus a function of the seed and the
+    position, never of the rank: one process and N processes with the same total batch see the same
+    items in every optimizer step, and the position resumes on any number of processes.
+    """
+
+    def __init__(self, n: int, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 shuffle: bool = True):
+        if n < 1:
+            raise ValueError("an order needs at least one item")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
+        self.position = 0  # items taken by all ranks together, over all epochs
+        self._perm_epoch, self._perm = -1, None
+
+    @property
+    def epoch(self) -> int:
+        return self.position // self.n
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Calls of next_indices in one pass over the items (the last may wrap into the next epoch)."""
+        return max(1, -(-self.n // (self.batch_size * self.world_size)))
+
+    def _order(self, epoch: int) -> np.ndarray | None:
+        if not self.shuffle:
+            return None
+        if epoch != self._perm_epoch:
+            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, epoch])))
+            self._perm, self._perm_epoch = rng.permutation(self.n), epoch
+        return self._perm
+
+    def next_indices(self) -> np.ndarray:
+        first = self.position + self.rank * self.batch_size
+        self.position += self.batch_size * self.world_size
+        out = np.empty(self.batch_size, dtype=np.int64)
+        for b in range(self.batch_size):
+            epoch, i = divmod(first + b, self.n)
+            order = self._order(epoch)
+            out[b] = i if order is None else order[i]
+        return out
+
+    def state_dict(self) -> dict:
+        return {"position": self.position, "items": self.n, "seed": self.seed, "shuffle": self.shuffle}
+
+    def load_state_dict(self, state: dict, what: str = "data") -> None:
+        if "position" not in state:
+            raise UserError("the checkpoint's data position was written by an older gpt2lab (its random "
+                            "order depended on the number of processes); start a new run with --init-from it")
+        items = state.get("items", state.get("windows", state.get("examples", self.n)))
+        if items != self.n:
+            raise UserError(f"the checkpoint was made with {items} training items, the {what} given has {self.n}; "
+                            "resume with the run's own data and settings")
+        self.position = int(state["position"])
 
 
 class TokenLoader:
     """Batches (x, y) of shape (batch_size, seq_len) for language modelling; y is x shifted by one.
 
-    Every row is a window of seq_len + 1 consecutive ids from one shard:
-    x = window[:-1], y = window[1:].
+    The split is cut into windows of seq_len + 1 consecutive ids at offsets 0, T, 2T, ... of each
+    shard (x = window[:-1], y = window[1:]), so one pass over the windows makes every id a target
+    exactly once.
 
-    mode="random": window starts drawn uniformly from every start that fits,
-      by a numpy Generator seeded from (seed, rank), so each rank of a
-      distributed run sees different data. The usual choice for training.
-    mode="sequential": the split cut into consecutive windows (each starting
-      where the previous one's x ended), walked in order. Step k hands rank r
-      of W windows [k*B*W + r*B, k*B*W + (r+1)*B): the ranks share out each
-      step's B*T*W tokens in contiguous slices. At the end it wraps around
-      and `epoch` counts up. The usual choice for evaluation.
+    mode="random": every epoch visits each window once, in a permutation drawn from (seed, epoch).
+      The usual choice for training.
+    mode="sequential": the windows in order, wrapping around at the end. The usual choice for
+      evaluation.
 
-    `state_dict()` captures where the stream is; `load_state_dict()` puts a
-    fresh loader there, after which it returns exactly the batches the old
-    one would have: that is what makes a resumed training run bitwise equal.
+    The order is global, never a function of the rank: the windows form one sequence, each call of
+    `next_batch` (one micro-batch on every process) takes the next batch_size x world_size of them,
+    and rank r takes its slice [r * batch_size, (r + 1) * batch_size). One process and N processes
+    with the same total batch therefore see the same windows in every optimizer step, and the
+    position (`state_dict`) resumes on any number of processes.
     """
 
     def __init__(
@@ -604,6 +276,7 @@ class TokenLoader:
         rank: int = 0,
         world_size: int = 1,
         device: str | torch.device = "cpu",
+        vocab_size: int | None = None,
     ):
         if mode not in ("random", "sequential"):
             raise ValueError(f"mode must be 'random' or 'sequential', got {mode!r}")
@@ -617,6 +290,7 @@ class TokenLoader:
         self.device = torch.device(device)
         self.meta, self.shards = _split_shards(data_dir, split)
         self.tokens = sum(len(s) for s in self.shards)
+        self.vocab_size = vocab_size if vocab_size is not None else self.meta.get("vocab_size")
 
         window = seq_len + 1
         longest = max((len(s) for s in self.shards), default=0)
@@ -628,48 +302,44 @@ class TokenLoader:
             raise UserError(f"the {split} split of {data_dir} has {detail}{hint}, but one window of "
                             f"seq_len + 1 = {window} tokens is needed; use a smaller --seq-len or "
                             "prepare more data")
-        if mode == "random":
-            # number of valid window starts per shard, and their running total
-            counts = np.array([max(0, len(s) - seq_len) for s in self.shards], dtype=np.int64)
-        else:
-            # windows at offsets 0, T, 2T, ... with offset + T + 1 <= shard length
-            counts = np.array([max(0, (len(s) - 1) // seq_len) for s in self.shards], dtype=np.int64)
+        # windows at offsets 0, T, 2T, ... with offset + T + 1 <= shard length
+        counts = np.array([max(0, (len(s) - 1) // seq_len) for s in self.shards], dtype=np.int64)
         self._cum = np.cumsum(counts)
         self._total = int(self._cum[-1])
-        self._rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, rank])))
-        self._position = 0  # sequential: global index of the next step's first window
+        self.order = GlobalOrder(self._total, batch_size, seed=seed, rank=rank, world_size=world_size,
+                                 shuffle=mode == "random")
+
+    @property
+    def windows(self) -> int:
+        """Windows in one pass over the split."""
+        return self._total
 
     @property
     def epoch(self) -> int:
-        """Sequential mode: how many times the whole split has been walked."""
-        return self._position // self._total if self.mode == "sequential" else 0
+        """How many times the whole split has been walked."""
+        return self.order.epoch
 
     @property
     def steps_per_epoch(self) -> int:
-        """Sequential mode: whole steps (of all ranks) in one pass over the split."""
-        return max(1, self._total // (self.batch_size * self.world_size))
+        """Calls of next_batch (micro-batches of all ranks) in one pass over the split."""
+        return self.order.steps_per_epoch
 
     def _locate(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Global window index -> (shard, index within that shard)."""
+        """Window index -> (shard, index of the window within that shard)."""
         shard = np.searchsorted(self._cum, index, side="right")
         before = np.where(shard > 0, self._cum[shard - 1], 0)
         return shard, index - before
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         B, T = self.batch_size, self.seq_len
-        if self.mode == "random":
-            index = self._rng.integers(0, self._total, size=B)
-            shard, starts = self._locate(index)
-        else:
-            first = self._position + self.rank * B
-            index = (first + np.arange(B)) % self._total
-            self._position += B * self.world_size
-            shard, within = self._locate(index)
-            starts = within * T
+        shard, within = self._locate(self.order.next_indices())
         rows = np.empty((B, T + 1), dtype=np.int64)
         for b in range(B):
-            s = int(starts[b])
+            s = int(within[b]) * T
             rows[b] = self.shards[shard[b]][s:s + T + 1]
+        if self.vocab_size is not None and int(rows.max()) >= self.vocab_size:
+            raise UserError(f"the {self.split} shards of {self.data_dir} hold token id {int(rows.max())}, outside "
+                            f"the vocabulary of {self.vocab_size}; the data is corrupt, prepare it again")
         batch = torch.from_numpy(rows)
         x, y = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
         if self.device.type == "cuda":
@@ -685,27 +355,17 @@ class TokenLoader:
             yield self.next_batch()
 
     def state_dict(self) -> dict:
-        state = {"mode": self.mode, "split": self.split, "batch_size": self.batch_size,
-                 "seq_len": self.seq_len, "seed": self.seed, "rank": self.rank,
-                 "world_size": self.world_size}
-        if self.mode == "random":
-            state["rng"] = self._rng.bit_generator.state
-        else:
-            state["position"] = self._position
-            state["epoch"] = self.epoch
-        return state
+        """The global position: the same on every rank, valid for any number of processes."""
+        return {"mode": self.mode, "split": self.split, "seq_len": self.seq_len, **self.order.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("mode") != self.mode:
-            raise UserError(f"the saved data position is for mode {state.get('mode')!r}, this loader is "
+            raise UserError(f"the saved data position is for --data-order {state.get('mode')!r}, this run has "
                             f"{self.mode!r}; resume with the same data settings")
-        if self.mode == "random":
-            self._rng.bit_generator.state = state["rng"]
-        else:
-            if state.get("seq_len") != self.seq_len:
-                raise UserError(f"the saved data position is for seq_len {state.get('seq_len')}, this "
-                                f"loader has {self.seq_len}; resume with the same --seq-len")
-            self._position = int(state["position"])
+        if state.get("seq_len") != self.seq_len:
+            raise UserError(f"the saved data position is for seq_len {state.get('seq_len')}, this "
+                            f"loader has {self.seq_len}; resume with the same --seq-len")
+        self.order.load_state_dict(state, f"data in {self.data_dir}")
 
 
 class SlidingWindowDataset(torch.utils.data.Dataset):
@@ -757,6 +417,6 @@ class SlidingWindowDataset(torch.utils.data.Dataset):
 
 
 __all__ = [
-    "HEADER_BYTES", "MAGIC", "ShardWriter", "SlidingWindowDataset", "TokenLoader", "check_tokenizer",
-    "data_tokenizer", "dtype_for_vocab", "load_tokens", "open_shard", "prepare", "read_meta", "shard_header",
+    "HEADER_BYTES", "MAGIC", "SlidingWindowDataset", "TokenLoader", "check_tokenizer", "data_tokenizer",
+    "dtype_for_vocab", "load_tokens", "open_shard", "read_meta", "shard_header",
 ]

@@ -81,3 +81,21 @@ def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
+
+
+def agree(info: DistInfo, fn) -> None:
+    """Run `fn` on every rank; if it raises a UserError on any of them, raise it on all of them, so that a
+    check only one rank can make (a lock rank 0 takes) never leaves the others waiting at a barrier."""
+    message = None
+    try:
+        fn()
+    except UserError as e:
+        message = str(e)
+        if not info.enabled:
+            raise
+    if info.enabled:
+        gathered = [None] * info.world_size
+        dist.all_gather_object(gathered, message)
+        first = next((m for m in gathered if m), None)
+        if first is not None:
+            raise UserError(first)

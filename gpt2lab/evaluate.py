@@ -36,42 +36,27 @@ sees.
 from __future__ import annotations
 
 import contextlib
-import glob
-import gzip
-import json
 import math
 import os
-import re
 import sys
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from gpt2lab.errors import UserError
+from gpt2lab.eval_data import MCExample, load_hellaswag, load_lambada, load_mc, loss_documents, resolve_data
+from gpt2lab.metrics import progress as progress_bar
 from gpt2lab.model import GPT
 
-TASKS = ("loss", "hellaswag", "lambada", "mc", "judge")
-
-# Where the standard test sets live: the original files, cached after the first download.
-DOWNLOADS = {
-    "hellaswag": ("https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl",
-                  "hellaswag_val.jsonl", 10042),
-    "lambada": ("https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl",
-                "lambada_test.jsonl", 5153),
-}
-# The same files in the developers' checkout (../shared/data/eval), used when the download fails.
-DEV_COPIES = {"hellaswag": "hellaswag_val.jsonl.gz", "lambada": "lambada_openai_test.jsonl.gz"}
-DEV_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "eval"
-
+TASKS = ("loss", "hellaswag", "lambada", "mc")
 LM_HEAD_CHUNK = 1024  # scored positions per LM-head matmul: bounds the (positions, vocab) logits
+
+
+# ----------------------------------------------------------------------------- scoring
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -102,13 +87,6 @@ class _Row:
     scored: list[int]  # the row index whose output predicts each target
     targets: list[int]
     owners: list[int]  # which (request, continuation) each target belongs to
-
-
-class _KeysAsGiven:
-    """Stands in for a KV cache: attention gets this step's keys and values and honours the mask."""
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return k, v
 
 
 def _rows(requests: Sequence[Request], block_size: int) -> tuple[list[_Row], list[tuple[int, int]]]:
@@ -180,16 +158,6 @@ def _batch_tensors(batch: list[_Row], device: torch.device):
     return idx.to(device), pos.to(device), mask[:, None].to(device)
 
 
-def _hidden_states(model: GPT, idx: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None):
-    """The final block's output (B, T, C), before ln_f: the model's own modules, with our mask."""
-    tr = model.transformer
-    x = tr.drop(tr.wte(idx) + tr.wpe(pos))
-    cache = None if mask is None else _KeysAsGiven()
-    for i, block in enumerate(tr.h):
-        x = block(x, cache, i, mask)
-    return x
-
-
 def _autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None or dtype == torch.float32:
         return contextlib.nullcontext()
@@ -200,7 +168,7 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 def score_requests(model: GPT, requests: Sequence[Request], *, batch_size: int = 8,
                    autocast_dtype: torch.dtype | None = None, return_argmax: bool = False,
                    progress: bool = False, desc: str = "scoring",
-                   bar: tqdm | None = None) -> list[list[Score]]:
+                   bar=None) -> list[list[Score]]:
     """For each request, a Score per continuation: summed log-probability and greedy match.
 
     `batch_size` is the number of sequences per forward pass (a multiple-choice
@@ -219,7 +187,7 @@ def score_requests(model: GPT, requests: Sequence[Request], *, batch_size: int =
     argmax: list[list[int]] | None = [[] for _ in pairs] if return_argmax else None
     own_bar = bar is None
     if own_bar:
-        bar = tqdm(total=len(rows), desc=desc, unit="seq", disable=not progress, leave=False, file=sys.stderr)
+        bar = progress_bar(total=len(rows), desc=desc, unit="seq", disable=not progress, leave=False)
     was_training = model.training
     model.eval()
     try:
@@ -231,12 +199,12 @@ def score_requests(model: GPT, requests: Sequence[Request], *, batch_size: int =
                 additive = torch.zeros(mask.shape, dtype=model.lm_head.weight.dtype, device=device)
                 mask = additive.masked_fill_(~mask, float("-inf"))
             with _autocast(device, autocast_dtype):
-                x = _hidden_states(model, idx, pos, mask)
+                h = model.hidden_states(idx, positions=pos, mask=mask)
             T = idx.size(1)
             flat = torch.tensor([b * T + s for b, r in enumerate(batch) for s in r.scored], device=device)
             targets = torch.tensor([t for r in batch for t in r.targets], device=device)
             owners = torch.tensor([o for r in batch for o in r.owners])
-            h = x.reshape(-1, x.size(-1)).index_select(0, flat)
+            h = h.reshape(-1, h.size(-1)).index_select(0, flat)
             lp, hit, am = _score_positions(model, h, targets, vocab)
             logprob.index_add_(0, owners, lp.double().cpu())
             misses.index_add_(0, owners, (~hit).long().cpu())
@@ -256,12 +224,12 @@ def score_requests(model: GPT, requests: Sequence[Request], *, batch_size: int =
 
 
 def _score_positions(model: GPT, h: torch.Tensor, targets: torch.Tensor, vocab: int):
-    """ln_f and the LM head on the scored positions only, in chunks and in fp32."""
+    """The LM head on the scored positions only, in chunks, the log-probabilities in fp32."""
     lps, hits, ams = [], [], []
     weight_dtype = model.lm_head.weight.dtype
     for s in range(0, h.size(0), LM_HEAD_CHUNK):
         hc, tc = h[s:s + LM_HEAD_CHUNK], targets[s:s + LM_HEAD_CHUNK]
-        logits = model.lm_head(model.transformer.ln_f(hc.to(weight_dtype))).float()[:, :vocab]
+        logits = model.head(hc.to(weight_dtype)).float()[:, :vocab]
         # one pass for the argmax, one fused log-softmax for the targets' log-probabilities
         am = logits.max(dim=-1).indices
         lps.append(-F.cross_entropy(logits, tc, reduction="none"))
@@ -292,160 +260,6 @@ def _context_ids(tokenizer, context: str) -> list[int]:
         raise UserError("an example has an empty context and the tokenizer has no <|endoftext|> token "
                         "to stand in for it; give every example some context")
     return [tokenizer.eot_id]
-
-
-# ----------------------------------------------------------------------------- data files
-
-
-def cache_dir() -> Path:
-    """$GPT2LAB_CACHE, else $XDG_CACHE_HOME/gpt2lab, else ~/.cache/gpt2lab."""
-    if os.environ.get("GPT2LAB_CACHE"):
-        return Path(os.environ["GPT2LAB_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "gpt2lab"
-
-
-def _count_lines(path: Path) -> int:
-    with open(path, "rb") as f:
-        return sum(1 for line in f if line.strip())
-
-
-def _download(url: str, dest: Path, expected_lines: int) -> None:
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
-                while chunk := response.read(1 << 20):
-                    f.write(chunk)
-        lines = _count_lines(tmp)
-        if lines != expected_lines:
-            raise OSError(f"got {lines} records, expected {expected_lines}")
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def default_data(task: str, progress: bool = False) -> Path:
-    """The standard test set of `task`: cached, else downloaded, else the developers' copy."""
-    url, name, lines = DOWNLOADS[task]
-    cached = cache_dir() / name
-    if cached.is_file():
-        return cached
-    try:
-        if progress:
-            print(f"downloading {url} to {cached}", file=sys.stderr)
-        _download(url, cached, lines)
-        return cached
-    except (OSError, urllib.error.URLError) as e:
-        dev = DEV_DATA / DEV_COPIES[task]
-        if dev.is_file():
-            if progress:
-                print(f"download failed ({e}); using the copy in {dev}", file=sys.stderr)
-            return dev
-        raise UserError(f"cannot download the {task} data from {url} ({e}); fetch that file on a machine "
-                        f"that is online and pass it with --data PATH (or put it at {cached})") from None
-
-
-def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
-    """(line number, record) of a .jsonl or .jsonl.gz file."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path} does not exist; check the path given with --data")
-    opener = gzip.open if path.name.endswith(".gz") else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{lineno} is not valid JSON ({e.msg}); each line of the file "
-                                    "must be one JSON object") from None
-                if not isinstance(record, dict):
-                    raise UserError(f"{path}:{lineno} is a JSON {type(record).__name__}, not an object")
-                yield lineno, record
-    except (OSError, EOFError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {path} ({e}); the file is damaged or not UTF-8 JSONL") from None
-
-
-def _field(path, lineno: int, record: dict, name: str, kind):
-    if name not in record:
-        raise UserError(f"{path}:{lineno} has no field {name!r} (fields: {sorted(record)}); the file does "
-                        "not have this task's format")
-    value = record[name]
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise UserError(f"{path}:{lineno}: field {name!r} is {type(value).__name__}, expected "
-                        f"{kind.__name__ if isinstance(kind, type) else 'a number'}")
-    return value
-
-
-@dataclass(frozen=True)
-class MCExample:
-    context: str
-    choices: list[str]  # scored as " " + choice
-    label: int
-
-
-def preprocess(text: str) -> str:
-    """HellaSwag's cleanup, as in the harness: WikiHow's "[title]" becomes ". ", other tags go."""
-    text = text.strip()
-    text = text.replace(" [title]", ". ")
-    text = re.sub(r"\[.*?\]", "", text)
-    return text.replace("  ", " ")
-
-
-def hellaswag_example(doc: dict) -> MCExample:
-    ctx = doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
-    return MCExample(context=preprocess(doc["activity_label"] + ": " + ctx),
-                     choices=[preprocess(e) for e in doc["endings"]], label=int(doc["label"]))
-
-
-def _limited(records: Iterator[tuple[int, dict]], limit: int | None) -> Iterator[tuple[int, dict]]:
-    for i, item in enumerate(records):
-        if limit is not None and i >= limit:
-            return
-        yield item
-
-
-def load_hellaswag(path: str | os.PathLike, limit: int | None = None) -> list[MCExample]:
-    out = []
-    for lineno, rec in _limited(read_jsonl(path), limit):
-        for name, kind in (("activity_label", str), ("ctx_a", str), ("ctx_b", str), ("endings", list)):
-            _field(path, lineno, rec, name, kind)
-        try:
-            out.append(hellaswag_example(rec))
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise UserError(f"{path}:{lineno} is not a HellaSwag record with a label ({e!r}); use the "
-                            "validation file hellaswag_val.jsonl (the test file has no labels)") from None
-    return out
-
-
-def load_mc(path: str | os.PathLike, limit: int | None = None) -> list[MCExample]:
-    out = []
-    for lineno, rec in _limited(read_jsonl(path), limit):
-        context = _field(path, lineno, rec, "context", str)
-        choices = _field(path, lineno, rec, "choices", list)
-        label = _field(path, lineno, rec, "label", int)
-        if not choices or not all(isinstance(c, str) for c in choices):
-            raise UserError(f"{path}:{lineno}: 'choices' must be a non-empty list of strings")
-        if not 0 <= label < len(choices):
-            raise UserError(f"{path}:{lineno}: label {label} is not the index of one of the "
-                            f"{len(choices)} choices (0..{len(choices) - 1})")
-        out.append(MCExample(context, list(choices), label))
-    return out
-
-
-def lambada_example(text: str) -> tuple[str, str]:
-    """(context, target): the passage without its last space-separated word, and " " + that word."""
-    words = text.split(" ")
-    return " ".join(words[:-1]), " " + words[-1]
-
-
-def load_lambada(path: str | os.PathLike, limit: int | None = None) -> list[tuple[str, str]]:
-    return [lambada_example(_field(path, lineno, rec, "text", str))
-            for lineno, rec in _limited(read_jsonl(path), limit)]
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -552,7 +366,7 @@ def eval_loss(model: GPT, tokenizer, documents: Sequence[Sequence[int]], *, stri
         raise UserError("loss: no document has a token to score (each needs at least two ids); "
                         "check the data and --limit")
     nll = [0.0] * len(documents)
-    with tqdm(total=len(windows), desc=desc, unit="seq", disable=not progress, leave=False,
+    with progress_bar(total=len(windows), desc=desc, unit="seq", disable=not progress, leave=False,
               file=sys.stderr) as bar:
         for s in range(0, len(windows), chunk_windows):
             part = windows[s:s + chunk_windows]
@@ -578,103 +392,24 @@ def eval_loss(model: GPT, tokenizer, documents: Sequence[Sequence[int]], *, stri
                        "ppl": math.exp(loss), "bpb": bpb, "stride": stride}, records)
 
 
-def split_documents(ids, eot_id: int | None) -> list[np.ndarray]:
-    """A prepared split (<|endoftext|> before each document) -> documents that each start with it.
-
-    Text before the first <|endoftext|> is a document like the others; documents
-    with nothing after their <|endoftext|> are dropped. The documents are views
-    of one int64 copy of the ids.
-    """
-    ids = np.asarray(ids).astype(np.int64)
-    if eot_id is None:
-        return [ids] if len(ids) > 1 else []
-    starts = np.flatnonzero(ids == eot_id).tolist()
-    if not starts or starts[0] != 0:
-        ids, starts = np.concatenate([[eot_id], ids]), [0] + [s + 1 for s in starts]
-    bounds = starts + [len(ids)]
-    return [ids[a:b] for a, b in zip(bounds, bounds[1:]) if b - a > 1]
-
-
-def text_documents(tokenizer, inputs: Sequence[str], limit: int | None = None) -> list[list[int]]:
-    """Text files (as `gpt2lab prepare` reads them) -> [<|endoftext|>] + ids, one list per document."""
-    from gpt2lab.sources import iter_pieces
-
-    prefix = [tokenizer.eot_id] if tokenizer.eot_id is not None else []
-    docs, parts = [], []
-    for piece in iter_pieces(list(inputs)):
-        parts.append(piece.text)
-        if piece.last:
-            text = "".join(parts)
-            parts = []
-            if text:
-                docs.append(prefix + tokenizer.encode_ordinary(text))
-            if limit is not None and len(docs) >= limit:
-                break
-    return docs
-
-
-def is_data_dir(path: str | os.PathLike) -> bool:
-    from gpt2lab.data import META_FILE
-
-    return Path(path).is_dir() and (Path(path) / META_FILE).is_file()
-
-
-def loss_documents(tokenizer, data: str, limit: int | None = None) -> list[Sequence[int]]:
-    """The documents of a data dir's val split (checked to share the tokenizer), or of text files."""
-    if is_data_dir(data):
-        from gpt2lab.data import check_tokenizer, load_tokens, read_meta
-
-        check_tokenizer(read_meta(data), tokenizer, data)
-        docs = split_documents(load_tokens(data, "val"), tokenizer.eot_id)
-        if not docs:
-            raise UserError(f"the val split of {data} holds no document; prepare it with a larger "
-                            "--val-fraction")
-        return docs[:limit] if limit is not None else docs
-    return text_documents(tokenizer, [data], limit)
-
 
 # ----------------------------------------------------------------------------- one call, many tasks
 
 
-def check_tasks(tasks: Sequence[str]) -> list[str]:
-    unknown = [t for t in tasks if t not in TASKS]
+def check_tasks(tasks: Sequence[str], extra: Sequence[str] = ()) -> list[str]:
+    known = TASKS + tuple(extra)
+    unknown = [t for t in tasks if t not in known]
     if unknown:
-        raise UserError(f"unknown task {unknown[0]!r}; choose from {', '.join(TASKS)}")
+        raise UserError(f"unknown task {unknown[0]!r}; choose from {', '.join(known)}")
     if not tasks:
-        raise UserError(f"no task given; choose from {', '.join(TASKS)}")
+        raise UserError(f"no task given; choose from {', '.join(known)}")
     return list(dict.fromkeys(tasks))
-
-
-def resolve_data(task: str, path: str | None, run_config: dict | None = None, progress: bool = False) -> str:
-    """The data a task reads: the given path (checked to exist), or the task's default."""
-    if path is not None:
-        if task == "loss" and glob.has_magic(path):
-            from gpt2lab.sources import expand_inputs
-
-            expand_inputs([path])  # a glob that matches nothing is reported now
-            return path
-        if not Path(path).exists():
-            raise UserError(f"--data {path} for task {task} does not exist; check the path")
-        return path
-    if task in DOWNLOADS:
-        return str(default_data(task, progress))
-    if task == "loss":
-        trained_on = ((run_config or {}).get("data") or {}).get("path")
-        if trained_on and is_data_dir(trained_on):
-            return trained_on
-        raise UserError("task loss needs --data: a data dir made by `gpt2lab prepare` (its val split is "
-                        "scored) or text files")
-    if task == "judge":
-        raise UserError("task judge needs --data FILE.json or .jsonl of Alpaca records "
-                        '{"instruction", "input", "output"}')
-    raise UserError(f"task {task} needs --data FILE.jsonl with records "
-                    '{"context": ..., "choices": [...], "label": i}')
 
 
 def run_task(model: GPT, tokenizer, task: str, data: str, *, limit: int | None = None, batch_size: int = 8,
              stride: int | None = None, autocast_dtype: torch.dtype | None = None,
-             progress: bool = False, judge: dict | None = None) -> TaskResult:
-    """One task on one model; `data` as `resolve_data` returns it; `judge`: eval_judge's options."""
+             progress: bool = False) -> TaskResult:
+    """One scoring task on one model; `data` as `resolve_data` returns it."""
     start = time.perf_counter()
     opts = dict(batch_size=batch_size, autocast_dtype=autocast_dtype, progress=progress)
     if task == "hellaswag":
@@ -684,13 +419,8 @@ def run_task(model: GPT, tokenizer, task: str, data: str, *, limit: int | None =
     elif task == "lambada":
         result = eval_lambada(model, tokenizer, load_lambada(data, limit), **opts)
     elif task == "loss":
-        result = eval_loss(model, tokenizer, loss_documents(tokenizer, data, limit), stride=stride, **opts)
-    elif task == "judge":
-        from gpt2lab.finetune.sft import read_records
-        from gpt2lab.judge import eval_judge
-
-        result = eval_judge(model, tokenizer, read_records(data), limit=limit, progress=progress,
-                            **(judge or {}))
+        docs = loss_documents(tokenizer, data, limit, vocab_size=model.config.vocab_size)
+        result = eval_loss(model, tokenizer, docs, stride=stride, **opts)
     else:
         raise UserError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     result.metrics["data"] = str(data)
@@ -698,23 +428,28 @@ def run_task(model: GPT, tokenizer, task: str, data: str, *, limit: int | None =
     return result
 
 
+# a task evaluate.py does not know (the judge, ...): (model, tokenizer, run info, data, limit, progress) -> result
+ExtraTask = Callable[..., "TaskResult"]
+
+
 def evaluate_run(run_dir: str | os.PathLike, tasks: Sequence[str], data: dict[str, str] | None = None, *,
                  limit: int | None = None, batch_size: int = 8, stride: int | None = None,
                  device: str = "auto", dtype: str = "fp32", progress: bool = False,
-                 judge: dict | None = None) -> list[TaskResult]:
+                 extra_tasks: dict[str, ExtraTask] | None = None) -> list[TaskResult]:
     """Load a run dir and score it on each task; `data` maps a task to its file or directory.
 
-    `judge`: options of `gpt2lab.judge.eval_judge` (url, judge_model, api_key, ...) for task judge;
-    the run's prompt template (alpaca when it has none) is added here.
+    `extra_tasks`: tasks defined elsewhere (the judge), called with the loaded model; their data
+    paths must be given in `data`.
     """
-    from gpt2lab.checkpoint import load_run, read_run_config
+    from gpt2lab.checkpoint import load_run, open_run
     from gpt2lab.distributed import resolve_device
 
-    tasks = check_tasks(tasks)
+    extra_tasks = extra_tasks or {}
+    tasks = check_tasks(tasks, tuple(extra_tasks))
     data = dict(data or {})
-    extra = sorted(set(data) - set(tasks))
-    if extra:
-        raise UserError(f"--data is given for {extra[0]}, which is not among the tasks {', '.join(tasks)}")
+    unused = sorted(set(data) - set(tasks))
+    if unused:
+        raise UserError(f"--data is given for {unused[0]}, which is not among the tasks {', '.join(tasks)}")
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1, got {limit}")
     if batch_size < 1:
@@ -722,19 +457,32 @@ def evaluate_run(run_dir: str | os.PathLike, tasks: Sequence[str], data: dict[st
     dev = resolve_device(device)
     if dtype not in ("fp32", "bf16"):
         raise UserError(f"unknown dtype {dtype!r}; use fp32 or bf16")
-    if dtype == "bf16" and dev.type != "cuda":
-        raise UserError("--dtype bf16 is for CUDA GPUs; on this device use --dtype fp32")
-    config = read_run_config(run_dir)
+    info = open_run(run_dir)
     # every path is checked (and downloaded) before the model is loaded
-    paths = {t: resolve_data(t, data.get(t), config, progress) for t in tasks}
-    model, tokenizer = load_run(run_dir, device=dev)
+    paths = {}
+    for t in tasks:
+        if t in extra_tasks:
+            if t not in data:
+                raise UserError(f"task {t} needs --data")
+            if not os.path.exists(data[t]):
+                raise UserError(f"--data {data[t]} for task {t} does not exist; check the path")
+            paths[t] = data[t]
+        else:
+            paths[t] = resolve_data(t, data.get(t), info.config, progress)
+    model, tokenizer = load_run(run_dir, device=dev, kind="lm")
     autocast_dtype = torch.bfloat16 if dtype == "bf16" else None
-    if "judge" in tasks:
-        from gpt2lab.templates import get_template
-
-        judge = {**(judge or {}), "template": get_template(config.get("template"))}
-    return [run_task(model, tokenizer, t, paths[t], limit=limit, batch_size=batch_size, stride=stride,
-                     autocast_dtype=autocast_dtype, progress=progress, judge=judge) for t in tasks]
+    results = []
+    for t in tasks:
+        if t in extra_tasks:
+            start = time.perf_counter()
+            res = extra_tasks[t](model, tokenizer, info, paths[t], limit=limit, progress=progress)
+            res.metrics.setdefault("data", str(paths[t]))
+            res.metrics["seconds"] = round(time.perf_counter() - start, 3)
+            results.append(res)
+        else:
+            results.append(run_task(model, tokenizer, t, paths[t], limit=limit, batch_size=batch_size,
+                                    stride=stride, autocast_dtype=autocast_dtype, progress=progress))
+    return results
 
 
 def format_table(results: Sequence[TaskResult]) -> str:
@@ -763,10 +511,5 @@ def format_table(results: Sequence[TaskResult]) -> str:
     return "\n".join(lines)
 
 
-__all__ = [
-    "DOWNLOADS", "MCExample", "Request", "Score", "TASKS", "TaskResult", "cache_dir", "check_tasks",
-    "default_data", "encode_pair", "eval_lambada", "eval_loss", "eval_multiple_choice", "evaluate_run",
-    "format_table", "hellaswag_example", "lambada_example", "load_hellaswag", "load_lambada", "load_mc",
-    "loss_documents", "loss_windows", "preprocess", "read_jsonl", "resolve_data", "run_task",
-    "score_requests", "split_documents", "text_documents",
-]
+__all__ = ["Request", "Score", "TASKS", "TaskResult", "check_tasks", "encode_pair", "eval_lambada", "eval_loss",
+           "eval_multiple_choice", "evaluate_run", "format_table", "loss_windows", "run_task", "score_requests"]

@@ -66,11 +66,12 @@ import hashlib
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 
+from gpt2lab import io
 from gpt2lab.errors import UserError
-from gpt2lab.tokenizer.bpe import EOT, GPT2_PATTERN, BPETokenizer
+from gpt2lab.hf_tokenizer import hf_tokenizer_files, read_hf_tokenizer
+from gpt2lab.tokenizer.bpe import EOT, GPT2_PATTERN
 
 # torch (and what imports it) is imported inside the functions that need it, so that
 # a missing path or a hub id on an offline machine is reported at once
@@ -230,8 +231,10 @@ def config_to_hf(config, eot_id: int, dtype: str = "float32") -> dict:
 def import_hf(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """A Hugging Face GPT-2 (local directory or hub id) -> a gpt2lab run dir at `out`."""
     out = Path(out)
-    _check_out(out, overwrite)
+    local = Path(src).expanduser()
+    io.check_output_dir(out, "run", overwrite=overwrite, flag="--out", inputs=[local] if local.exists() else [])
     directory, source = _resolve_source(str(src))
+    io.check_not_an_input(out, [directory], "--out")
     hf_config = _read_json(directory / "config.json", f"{directory} is not a Hugging Face model directory "
                            "(it has no config.json); pass the directory that holds config.json and "
                            "model.safetensors")
@@ -245,6 +248,7 @@ def import_hf(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool
         raise UserError(f"the tokenizer ({where}) has {tokenizer.vocab_size} tokens but the model's "
                         f"vocab_size is {config.vocab_size}; put the model's own vocab.json and merges.txt "
                         f"(or tokenizer.json) into {directory}")
+    _check_headers(directory, hf_shapes(config), config)  # before any tensor is read
     state, files = _load_hf_weights(directory)
     where = files[0] if len(files) == 1 else directory / SAFETENSORS_INDEX
     _check_tensors(state, hf_shapes(config), str(where), "config.json", config)
@@ -252,17 +256,42 @@ def import_hf(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool
     source["weights"] = {f.name: _sha256(f) for f in files}
 
     import torch
-    from safetensors.torch import save_file
 
     from gpt2lab.checkpoint import WEIGHTS_FILE, write_run_config
 
     tensors = {name: t.to(torch.float32).contiguous() for name, t in state.items()}
-    with _staging(out) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+    with io.staging(out) as tmp:
+        io.save_tensors(tensors, tmp / WEIGHTS_FILE)
         tokenizer.save(tmp)
-        write_run_config(tmp, config, tokenizer_identity=tokenizer.identity(), extra={"source": source})
-        _publish(tmp, out, overwrite)
+        write_run_config(tmp, config, tokenizer_identity=tokenizer.identity(), kind="lm", task="import-hf",
+                         extra={"source": source})
+        io.publish(tmp, out)
     return out
+
+
+def _check_headers(directory: Path, expected: dict, config) -> None:
+    """The shapes in the safetensors headers against the config, before a tensor is read: a config that
+    asks for an absurd size is refused at once."""
+    from safetensors import SafetensorError, safe_open
+
+    files = [directory / SAFETENSORS] if (directory / SAFETENSORS).is_file() else []
+    shapes = {}
+    for f in files:
+        try:
+            with safe_open(str(f), "pt") as h:
+                shapes.update({k: tuple(h.get_slice(k).get_shape()) for k in h.keys()})
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(f"{f} cannot be read as safetensors ({str(e).splitlines()[0]}); the file is "
+                            "damaged or incomplete, download the model again") from None
+    if shapes:
+        _check_tensors({k: _Shape(v) for k, v in shapes.items()}, expected, str(files[0]), "config.json", config)
+
+
+class _Shape:
+    """Stands in for a tensor where only the shape is known."""
+
+    def __init__(self, shape):
+        self.shape = shape
 
 
 def _resolve_source(src: str) -> tuple[Path, dict]:
@@ -350,157 +379,42 @@ def _load_pickle(path: Path) -> dict:
     return state
 
 
-# ----------------------------------------------------------------------------- tokenizers
-
-
-def read_hf_tokenizer(directory: str | os.PathLike, name: str = "imported") -> BPETokenizer:
-    """The tokenizer of a Hugging Face GPT-2 directory; GPT-2's when it has none or the same."""
-    from gpt2lab.tokenizer import FastTokenizer, get_tokenizer
-
-    directory = Path(directory)
-    gpt2 = get_tokenizer("gpt2", fast=False)
-    vocab_file, merges_file, tok_file = (directory / "vocab.json", directory / "merges.txt",
-                                         directory / "tokenizer.json")
-    settings_file = directory / "tokenizer_config.json"
-    settings = _read_json(settings_file, "") if settings_file.is_file() else {}
-    if settings.get("add_prefix_space"):
-        raise UserError(f"{settings_file} sets add_prefix_space, which GPT-2's "
-                        "tokenizer does not do; gpt2lab cannot import this tokenizer")
-    # added tokens (<|endoftext|> and any others) are special tokens in gpt2lab
-    special = {t["content"]: int(i) for i, t in (settings.get("added_tokens_decoder") or {}).items()}
-    if tok_file.is_file():
-        vocab, merges, more = _parse_tokenizer_json(tok_file)
-        special.update(more)
-    elif vocab_file.is_file() and merges_file.is_file():
-        vocab = _read_json(vocab_file, "")
-        lines = merges_file.read_text(encoding="utf-8").splitlines()
-        merges = [line.split(" ") for line in lines if line and not line.startswith("#version")]
-    elif vocab_file.is_file() or merges_file.is_file():
-        missing = merges_file if vocab_file.is_file() else vocab_file
-        raise UserError(f"{directory} has {'vocab.json' if vocab_file.is_file() else 'merges.txt'} but "
-                        f"no {missing.name}; copy both tokenizer files, or neither to use GPT-2's")
-    else:
-        return gpt2
-    if EOT in vocab:
-        special.setdefault(EOT, vocab[EOT])
-    vocab = {t: i for t, i in vocab.items() if t not in special}
-    try:
-        if any(len(m) != 2 for m in merges):
-            raise ValueError("a merge is not two tokens")
-        tok = BPETokenizer(vocab, [tuple(m) for m in merges], special, GPT2_PATTERN, name)
-    except (UserError, KeyError, ValueError, TypeError) as e:
-        raise UserError(f"the tokenizer files in {directory} are not a byte-level BPE like GPT-2's ({e}); "
-                        "gpt2lab cannot import them") from None
-    if tok.fingerprint == gpt2.fingerprint:
-        return gpt2
-    try:
-        FastTokenizer(tok)
-    except ValueError:
-        raise UserError(f"the tokenizer in {directory} numbers its tokens out of merge order (gpt2lab needs "
-                        "the token of merge r to have id 256 + r, as GPT-2's does); gpt2lab cannot import "
-                        "it") from None
-    return tok
-
-
-def _parse_tokenizer_json(path: Path) -> tuple[dict, list, dict]:
-    d = _read_json(path, "")
-    model, pre = d.get("model") or {}, d.get("pre_tokenizer") or {}
-    if (model.get("type") != "BPE" or pre.get("type") != "ByteLevel" or pre.get("add_prefix_space")
-            or pre.get("use_regex") is False or d.get("normalizer") is not None):
-        raise UserError(f"{path} is not a GPT-2 style byte-level BPE (model {model.get('type')!r}, "
-                        f"pre_tokenizer {pre.get('type')!r}); gpt2lab cannot import this tokenizer")
-    merges = [m.split(" ") if isinstance(m, str) else list(m) for m in model.get("merges", [])]
-    special = {t["content"]: t["id"] for t in d.get("added_tokens", [])}
-    return dict(model.get("vocab", {})), merges, special
-
-
-def hf_tokenizer_files(tok: BPETokenizer, model_max_length: int) -> dict[str, object]:
-    """File name -> content of the files transformers' `AutoTokenizer` reads for this tokenizer."""
-    specials = sorted(tok.special_tokens.items(), key=lambda kv: kv[1])
-    vocab = dict(sorted({**tok.vocab, **tok.special_tokens}.items(), key=lambda kv: kv[1]))
-    merges = [f"{a} {b}" for a, b in tok.merges]
-    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-              "normalized": False, "special": True} for t, i in specials]
-    byte_level = {"add_prefix_space": False, "trim_offsets": True, "use_regex": True}
-    tokenizer_json = {
-        "version": "1.0",
-        "truncation": None,
-        "padding": None,
-        "added_tokens": added,
-        "normalizer": None,
-        "pre_tokenizer": {"type": "ByteLevel", **byte_level},  # GPT-2's regex, then bytes -> characters
-        "post_processor": {"type": "ByteLevel", **byte_level, "trim_offsets": False},
-        "decoder": {"type": "ByteLevel", **byte_level},
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
-                  "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False,
-                  "ignore_merges": False, "vocab": vocab, "merges": merges},
-    }
-    others = [t for t, _ in specials if t != EOT]
-    special_map = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}
-    if others:
-        special_map["additional_special_tokens"] = others
-    config = {
-        "tokenizer_class": "GPT2Tokenizer",
-        **special_map,
-        "add_bos_token": False,
-        "add_prefix_space": False,
-        "clean_up_tokenization_spaces": False,
-        "errors": "replace",
-        "model_max_length": model_max_length,
-        "added_tokens_decoder": {str(a["id"]): {k: v for k, v in a.items() if k != "id"} for a in added},
-    }
-    return {
-        "vocab.json": vocab,
-        "merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n",
-        "tokenizer.json": tokenizer_json,
-        "tokenizer_config.json": config,
-        "special_tokens_map.json": special_map,
-    }
-
-
 # ------------------------------------------------------------------------------- export
 
 
 def export_hf(run_dir: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """A gpt2lab run dir -> a directory that transformers loads as `GPT2LMHeadModel` and `AutoTokenizer`."""
+    """A gpt2lab run dir -> a directory transformers loads: `GPT2LMHeadModel` for a language model (a LoRA
+    run exported with its adapters merged), `GPT2ForSequenceClassification` for a classifier; with
+    `AutoTokenizer` files."""
     run_dir, out = Path(run_dir), Path(out)
-    if out.resolve() == run_dir.resolve():
-        raise UserError(f"--out {out} is the run directory itself; choose another directory for the export")
-    _check_out(out, overwrite)
+    io.check_output_dir(out, "hf-export", overwrite=overwrite, flag="--out", inputs=[run_dir])
 
-    from gpt2lab.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, read_run_config
-    from gpt2lab.model import GPTConfig
+    import torch
+
+    from gpt2lab.checkpoint import load_run, open_run
+    from gpt2lab.model import unique_state_dict
     from gpt2lab.tokenizer import load_tokenizer_file
 
-    cfg = read_run_config(run_dir)
-    try:
-        config = GPTConfig.from_dict(cfg["model"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{run_dir / CONFIG_FILE} has an invalid model config ({e})") from None
-    tok = load_tokenizer_file(run_dir / TOKENIZER_FILE, fast=False)
+    info = open_run(run_dir)
+    config = info.model_config
+    tok = load_tokenizer_file(run_dir / "tokenizer.json", fast=False)
     if tok.pattern != GPT2_PATTERN:
         raise UserError(f"the run's tokenizer splits text with its own regex ({tok.pattern!r}); GPT-2's "
                         "tokenizer files can only express GPT-2's, so this model cannot be exported")
     if tok.eot_id is None:
         raise UserError(f"the run's tokenizer has no {EOT} token, which GPT-2's tokenizer files need as "
                         "bos/eos; retrain the tokenizer with `gpt2lab tokenizer train`")
-    if tok.vocab_size > config.vocab_size:
-        raise UserError(f"the run's tokenizer has {tok.vocab_size} tokens but the model only "
-                        f"{config.vocab_size} rows; the run dir is inconsistent, export another run")
-
-    import torch
-    from safetensors.torch import save_file
-
-    from gpt2lab.checkpoint import read_tensors
-    from gpt2lab.model import GPT
-
-    weights = run_dir / WEIGHTS_FILE
-    state = read_tensors(weights, "the run is incomplete (did training finish?)")
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items() if k != "lm_head.weight"}
-    _check_tensors(state, expected, str(weights), "the run's config.json", config)
-
-    hf = gpt2lab_to_hf(state)
+    model, _ = load_run(run_dir)  # checks the tokenizer and the weights; LoRA adapters merged
+    state = unique_state_dict(model)
+    hf_config = config_to_hf(config, tok.eot_id, str(state["transformer.wte.weight"].dtype).removeprefix("torch."))
+    score = None
+    if info.kind == "classifier":
+        score = _fold_score_bias(state, info.labels)
+        hf_config.update(architectures=["GPT2ForSequenceClassification"], num_labels=len(info.labels),
+                         id2label={str(i): name for i, name in enumerate(info.labels)},
+                         label2id={name: i for i, name in enumerate(info.labels)},
+                         pad_token_id=int(info.head.get("pad_id", tok.eot_id)))
+    hf = gpt2lab_to_hf({k: v for k, v in state.items() if not k.startswith("score.")})
     # a padded vocabulary: its extra rows are never predicted, so the first vocab_size rows are the model
     hf["transformer.wte.weight"] = hf["transformer.wte.weight"][: config.vocab_size].contiguous()
     shapes = hf_shapes(config)
@@ -508,19 +422,44 @@ def export_hf(run_dir: str | os.PathLike, out: str | os.PathLike, *, overwrite: 
     for name, shape in shapes.items():  # bias=False: a bias of zero computes the same thing
         if name not in hf:
             hf[name] = torch.zeros(shape, dtype=dtype)
+    if score is not None:
+        hf["transformer.ln_f.bias"] = score[1].to(dtype)
+        hf["score.weight"] = score[0]
+        shapes["score.weight"] = tuple(score[0].shape)
     assert {k: tuple(v.shape) for k, v in hf.items()} == shapes
 
-    with _staging(out) as tmp:
-        save_file(hf, str(tmp / SAFETENSORS), metadata={"format": "pt"})
-        _write_json(tmp / "config.json", config_to_hf(config, tok.eot_id, str(dtype).removeprefix("torch.")))
-        _write_json(tmp / "generation_config.json", {"bos_token_id": tok.eot_id, "eos_token_id": tok.eot_id})
+    with io.staging(out) as tmp:
+        io.save_tensors(hf, tmp / SAFETENSORS)
+        io.write_json(tmp / "config.json", hf_config)
+        io.write_json(tmp / "generation_config.json", {"bos_token_id": tok.eot_id, "eos_token_id": tok.eot_id})
         for name, content in hf_tokenizer_files(tok, config.block_size).items():
             if isinstance(content, str):
-                (tmp / name).write_text(content, encoding="utf-8")
+                io.write_text(tmp / name, content)
             else:
-                _write_json(tmp / name, content)
-        _publish(tmp, out, overwrite)
+                io.write_json(tmp / name, content)
+        io.write_json(tmp / io.EXPORT_MARKER, {"format": "gpt2lab-export", "run_dir": str(run_dir.resolve()),
+                                               "kind": info.kind})
+        io.publish(tmp, out)
     return out
+
+
+def _fold_score_bias(state: dict, labels: list[str]):
+    """(score weight, ln_f bias) for transformers' classifier head, which has no bias.
+
+    Ours computes W ln_f(x) + b with ln_f(x) = g * n(x) + beta. W (beta + d) = W beta + b holds when
+    W d = b; with fewer classes than the width, W has full row rank and d = W^+ b solves it exactly, so
+    moving d into the final LayerNorm's bias gives the same logits without a head bias.
+    """
+    import torch
+
+    W, b = state["score.weight"].double(), state["score.bias"].double()
+    beta = state.get("transformer.ln_f.bias")
+    beta = beta.double() if beta is not None else torch.zeros(W.size(1), dtype=torch.float64)
+    d = torch.linalg.lstsq(W, b[:, None]).solution[:, 0]
+    if (W @ d - b).abs().max() > 1e-6 * (1 + b.abs().max()):
+        raise UserError(f"the classifier's head (for {len(labels)} classes) cannot be expressed without a bias in "
+                        "transformers' GPT2ForSequenceClassification; it cannot be exported")
+    return state["score.weight"].contiguous(), (beta + d).float()
 
 
 # ---------------------------------------------------------------------------- shared bits
@@ -552,58 +491,10 @@ def _check_tensors(state: dict, expected: dict, file: str, config_name: str, con
                             f"implies {tuple(shape)}; the weights and the config come from different models")
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; pass a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"--out {out} already exists and is not empty; pass --overwrite to replace it, or "
-                        "choose another directory")
-
-
-class _staging:
-    """A temporary directory next to `out`, removed unless it has been published."""
-
-    def __init__(self, out: Path):
-        self.path = out.parent / f".{out.name}.tmp-{os.getpid()}"
-
-    def __enter__(self) -> Path:
-        shutil.rmtree(self.path, ignore_errors=True)
-        self.path.mkdir(parents=True)
-        return self.path
-
-    def __exit__(self, *exc) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
-
-
-def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Move the finished directory into place in one rename (the old one, if replaced, moves aside first)."""
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    if out.is_dir():
-        _check_out(out, overwrite)  # again: it may have been filled since the start
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
-
-
 def _read_json(path: Path, missing: str) -> dict:
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(missing or f"{path} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}); the file is damaged, download it again") from None
-    if not isinstance(d, dict):
-        raise UserError(f"{path} holds a JSON {type(d).__name__}, not an object; the file is damaged")
-    return d
-
-
-def _write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    if not path.exists():
+        raise UserError(missing or f"{path} does not exist")
+    return io.read_json_object(path, "file", "the file is damaged, download it again")
 
 
 def _sha256(path: Path) -> str:

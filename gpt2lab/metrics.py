@@ -101,3 +101,12 @@ class MetricsLogger:
 
 def console(line: str) -> None:
     print(line, file=sys.stdout, flush=True)
+
+
+def progress(iterable=None, *, disable: bool = False, **kw):
+    """A tqdm progress bar on stderr, shown only when stderr is a terminal: in a log, "\\r" redraws
+    would run into the next line (an `error:` line included)."""
+    from tqdm import tqdm
+
+    kw.setdefault("file", sys.stderr)
+    return tqdm(iterable, disable=disable or not sys.stderr.isatty(), **kw)

@@ -1,116 +1,66 @@
-"""The whole GPT-2, in one file.
+"""The whole GPT-2, in one file: the only code that computes embeddings, blocks and the head.
 
     tokens (B, T) --wte--> + positions --wpe-->  x (B, T, C)
     repeat n_layer times:
         x = x + attn(ln_1(x))      causal multi-head self-attention
         x = x + mlp(ln_2(x))       Linear(C, 4C) -> GELU(tanh) -> Linear(4C, C)
-    logits = ln_f(x) @ wte.T       the LM head shares the token embedding
+    h = ln_f(x)                    `Transformer`: ids -> hidden states
+    logits = h @ wte.T             `GPT`: the LM head shares the token embedding
+    class logits = score(h[last])  `GPTClassifier`: a linear head on the last real token
 
 Parameter names follow Hugging Face's GPT-2 (`transformer.h.0.attn.c_attn.weight`),
 so OpenAI's checkpoints map onto this model with a short list of transposes
 (they store their linear layers as Conv1D, i.e. weight shape (in, out)).
 The loss lives outside `forward`: the model maps ids to logits and nothing else.
+
+Every use goes through the same forward: training (`idx` alone, causal), prefill and
+decoding (`kv_cache`: the cache stores and returns keys and values, nothing more),
+batches of left-padded prompts and packed multiple-choice scoring (explicit
+`positions` and an attention `mask`), and the classifier (`hidden_states`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# the model sizes OpenAI released, and small ones that train on a laptop CPU
-PRESETS: dict[str, dict] = {
-    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
-    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
-    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
-    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
-    "mini": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),  # ~10M + embeddings
-    "micro": dict(n_layer=4, n_head=4, n_embd=256, block_size=256),
-    "nano": dict(n_layer=3, n_head=4, n_embd=128, block_size=128),
-    "tiny": dict(n_layer=2, n_head=2, n_embd=32, block_size=64),  # for tests
-}
+from gpt2lab.errors import UserError
+from gpt2lab.model_config import PRESETS, GPTConfig, model_fields  # noqa: F401 (the config lives with the model)
 
-
-@dataclass(frozen=True)
-class GPTConfig:
-    vocab_size: int = 50257  # GPT-2's: 256 bytes + 50,000 merges + <|endoftext|>
-    block_size: int = 1024  # the context length: how many positions have embeddings
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    dropout: float = 0.0
-    bias: bool = True  # GPT-2 has biases in every Linear and LayerNorm
-    # round the embedding/LM-head rows up to a multiple of this (50257 -> 50304 with 64)
-    # for faster matmuls; the extra rows are never produced or trained on
-    pad_vocab_multiple: int = 1
-
-    def __post_init__(self):
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "pad_vocab_multiple"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-
-    @property
-    def padded_vocab_size(self) -> int:
-        m = self.pad_vocab_multiple
-        return (self.vocab_size + m - 1) // m * m
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> GPTConfig:
-        if name not in PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
-
-    @classmethod
-    def from_dict(cls, d: dict) -> GPTConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown model config fields {unknown}; known fields: {sorted(known)}")
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+# ------------------------------------------------------------------------------ the modules
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.n_head = config.n_head
+        self.n_head, self.head_dim = config.n_head, config.head_dim
         self.dropout = config.dropout
         # query, key and value for all heads in one matmul
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None = None,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        """x (B, T, C). `mask` (B or 1, 1, T, keys): True (or 0.0) where a query may attend; None means
+        causal among the T new tokens, with every cached key visible (the caller passes a mask
+        whenever that is not enough). `positions` are unused by GPT-2's attention (its positions are
+        embeddings); position-dependent attention reads them here."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_dim)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        if cache is None:
-            # softmax(q k^T / sqrt(head_dim)) v under a causal mask; flash attention where available
-            y = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
-            )
-        else:
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        if cache is not None:
             # keys and values of earlier tokens come from the cache; only the new ones are computed
             k, v = cache.update(layer, k, v)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+        # softmax(q k^T / sqrt(head_dim)) v; flash attention where the kernel allows it
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -137,190 +87,228 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, layer, mask)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None = None,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), positions, mask, cache, layer)
         x = x + self.mlp(self.ln_2(x))
         return x
 
 
-def trunk(transformer: nn.ModuleDict, block_size: int, idx: torch.Tensor,
-          kv_cache: KVCache | None = None) -> torch.Tensor:
-    """Embeddings and every block: idx (B, T) -> hidden states (B, T, C), before the final LayerNorm.
-
-    Shared by the language model and the classifier built on the same transformer.
-    """
-    T = idx.size(1)
-    if kv_cache is None:
-        if T > block_size:
-            raise ValueError(f"input of {T} tokens is longer than the model's context of "
-                             f"{block_size} tokens")
-        pos, mask = torch.arange(T, device=idx.device), None
-    else:
-        pos, mask = kv_cache.prepare(T)
-    x = transformer.drop(transformer.wte(idx) + transformer.wpe(pos))
-    for i, block in enumerate(transformer.h):
-        x = block(x, kv_cache, i, mask)
-    if kv_cache is not None:
-        kv_cache.advance(T)
-    return x
+def causal_mask(T: int, past: int, device) -> torch.Tensor:
+    """(1, 1, T, past + T): query i (at slot past + i) sees every slot up to its own."""
+    slots = torch.arange(past + T, device=device)
+    return (slots[None, :] <= slots[past:, None])[None, None]
 
 
-class GPT(nn.Module):
+class Transformer(nn.Module):
+    """Embeddings, blocks and the final LayerNorm: ids (B, T) -> hidden states (B, T, C)."""
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias),
-            )
-        )
-        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
-        # weight tying: the output projection is the token embedding matrix
-        self.lm_head.weight = self.transformer.wte.weight
-        self.apply(self._init_weights)
-        # GPT-2 scales the projections that write into the residual stream by
-        # 1/sqrt(2 * n_layer): each block adds two of them, and without the scale
-        # the residual's variance would grow with depth
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
 
-    def _init_weights(self, module: nn.Module) -> None:
+    def forward(self, idx: torch.Tensor, positions: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """`positions` (T,) or (B, T): default 0, 1, 2, ... after what the cache holds. `mask`: see
+        `CausalSelfAttention.forward`."""
+        T = idx.size(1)
+        past = cache.pos if cache is not None else 0
+        if positions is None:
+            if past + T > self.config.block_size:
+                raise ValueError(f"input of {past + T} tokens is longer than the model's context of "
+                                 f"{self.config.block_size} tokens")
+            positions = torch.arange(past, past + T, device=idx.device)
+        if mask is None and past > 0 and T > 1:
+            mask = causal_mask(T, past, idx.device)  # new tokens after cached ones: causal, shifted
+        x = self.drop(self.wte(idx) + self.wpe(positions))
+        for i, block in enumerate(self.h):
+            x = block(x, positions, mask, cache, i)
+        if cache is not None:
+            cache.advance(T)
+        return self.ln_f(x)
+
+
+def init_weights(model: nn.Module, n_layer: int) -> None:
+    """GPT-2's initialisation: N(0, 0.02) for matrices and embeddings, zero biases, and the projections
+    that write into the residual stream scaled by 1/sqrt(2 * n_layer): each block adds two of them, and
+    without the scale the residual's variance would grow with depth."""
+    for module in model.modules():
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    for name, p in model.named_parameters():
+        if name.endswith("c_proj.weight"):
+            nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
 
-    def forward(self, idx: torch.Tensor, kv_cache: KVCache | None = None,
-                last_only: bool = False) -> torch.Tensor:
-        """idx (B, T) token ids -> logits (B, T, vocab_size).
 
-        With a `kv_cache`, idx holds only the tokens after those already cached
-        (the whole prompt first, then one token at a time). `last_only` returns
-        the logits of the last position only, (B, 1, vocab_size): all that
-        sampling needs, without the cost of the LM head on every position.
-        """
-        x = trunk(self.transformer, self.config.block_size, idx, kv_cache)
-        if last_only:
-            x = x[:, -1:, :]
-        logits = self.lm_head(self.transformer.ln_f(x))
+def _matmul_weights(model: nn.Module) -> int:
+    """Entries of every weight that multiplies an activation (Linear layers, LoRA-wrapped ones too)."""
+    return sum(m.weight.numel() for m in model.modules()
+               if isinstance(m, nn.Linear) or hasattr(m, "lora_A"))
+
+
+class _CountsMixin:
+    transformer: Transformer
+    config: GPTConfig
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count, a tied tensor counted once. non_embedding=True leaves out the embedding
+        tables (the convention of the scaling-law papers)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Embedding))
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token (forward + backward), as in the PaLM paper's appendix B: 6 per
+        parameter (the position table, a lookup, left out), plus the attention scores and their
+        weighted sum, 12 * T * (heads x head size) per layer."""
+        T = seq_len or self.config.block_size
+        n = self.num_params()
+        wpe = getattr(self.transformer, "wpe", None)
+        if isinstance(wpe, nn.Embedding):
+            n -= wpe.weight.numel()
+        attn = sum(m.n_head * m.head_dim for m in self.modules() if isinstance(m, CausalSelfAttention))
+        return 6 * n + 12 * attn * T
+
+
+class GPT(_CountsMixin, nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = Transformer(config)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        # weight tying: the output projection is the token embedding matrix
+        self.lm_head.weight = self.transformer.wte.weight
+        init_weights(self, config.n_layer)
+
+    def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None, *,
+                      positions: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, C) after the final LayerNorm; `head` turns any selection of them into logits."""
+        return self.transformer(idx, positions, mask, kv_cache)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Hidden states (..., C) -> logits (..., vocab_size)."""
+        logits = self.lm_head(h)
         if self.config.padded_vocab_size != self.config.vocab_size:
             # padded rows exist for speed only: they are never a prediction
             logits = logits[..., : self.config.vocab_size]
         return logits
 
-    def num_params(self, non_embedding: bool = False) -> int:
-        """Parameter count, the tied embedding counted once.
+    def forward(self, idx: torch.Tensor, kv_cache: KVCache | None = None, *, last_only: bool = False,
+                positions: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """idx (B, T) token ids -> logits (B, T, vocab_size).
 
-        non_embedding=True leaves out the position embeddings and the token
-        embedding rows (the convention of the scaling-law papers).
+        With a `kv_cache`, idx holds only the tokens after those already cached (the whole prompt
+        first, then one token at a time). `last_only` returns the logits of the last position only,
+        (B, 1, vocab_size): all that sampling needs, without the cost of the LM head everywhere.
         """
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            n -= self.transformer.wpe.weight.numel() + self.transformer.wte.weight.numel()
-        return n
+        h = self.hidden_states(idx, kv_cache, positions=positions, mask=mask)
+        return self.head(h[:, -1:] if last_only else h)
 
-    def flops_per_token(self, seq_len: int | None = None) -> int:
-        """Training FLOPs per token (forward + backward), as in the PaLM paper's appendix B.
 
-        6 FLOPs per weight that multiplies an activation (2 forward, 4 backward),
-        plus the attention scores and their weighted sum: 12 * layers * width * T.
-        """
-        c = self.config
-        T = seq_len or c.block_size
-        n_matmul = self.num_params() - self.transformer.wpe.weight.numel()
-        return 6 * n_matmul + 12 * c.n_layer * c.n_embd * T
+class GPTClassifier(_CountsMixin, nn.Module):
+    """The same transformer with a linear head on the hidden state of each row's last real token.
+
+    Parameter names are the language model's (`transformer.h.0...`) plus `score.weight` and
+    `score.bias`, so a pretrained run's weights load into it unchanged.
+    """
+
+    def __init__(self, config: GPTConfig, num_classes: int, transformer: Transformer | None = None):
+        super().__init__()
+        if num_classes < 2:
+            raise UserError(f"a classifier needs at least 2 classes, got {num_classes}")
+        self.config, self.num_classes = config, num_classes
+        if transformer is None:
+            transformer = Transformer(config)
+            init_weights(transformer, config.n_layer)
+        self.transformer = transformer
+        self.score = nn.Linear(config.n_embd, num_classes)
+        nn.init.normal_(self.score.weight, mean=0.0, std=0.02)
+        nn.init.zeros_(self.score.bias)
+
+    @classmethod
+    def from_lm(cls, model: GPT, num_classes: int) -> GPTClassifier:
+        """Reuse a (pretrained) GPT's transformer; its LM head is dropped."""
+        return cls(model.config, num_classes, transformer=model.transformer)
+
+    def features(self, idx: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """idx (B, T) right-padded ids, lengths (B,) -> (B, C): the last real token's hidden state.
+        Causal attention lets that token see the whole text and padding after it cannot change it."""
+        B, T = idx.shape
+        h = self.transformer(idx)
+        last = (lengths - 1) if lengths is not None else torch.full((B,), T - 1, device=idx.device)
+        return h[torch.arange(B, device=idx.device), last]
+
+    def forward(self, idx: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """-> class logits (B, num_classes)."""
+        return self.score(self.features(idx, lengths))
+
+
+def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with every tensor once: a tied weight (the LM head is the token embedding) is
+    stored under the name it was first registered with. What a weights file holds."""
+    out, seen = {}, set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        out[name] = t.detach()
+    return out
 
 
 class KVCache:
-    """Keys and values of the tokens seen so far, for every layer, preallocated once.
+    """Keys and values of the tokens seen so far, for every layer, in buffers allocated once.
 
-    Generating token t+1 needs the keys and values of tokens 0..t; without a
-    cache they are recomputed at every step (quadratic work). The buffers are
-    allocated for `max_len` positions up front, so decoding writes into them
-    and never reallocates; `reset` empties the cache for a new prefill (the
-    sliding window of gpt2lab.generate) and keeps the buffers.
-
-    Batches of prompts of different lengths are left-padded: row b begins with
-    `pad[b]` padding slots that no query may attend to, and its positions
-    count from its first real token, so every row sees exactly what it would
-    see alone.
-
-    A decoding step (one new token per row) costs no tensor work here beyond
-    views: its positions and, with padding, its attention mask are slices of
-    tensors built once in the constructor.
+    Generating token t+1 needs the keys and values of tokens 0..t; without a cache they are
+    recomputed at every step (quadratic work). Each layer's buffers hold `max_len` slots and are made
+    on that layer's first write, shaped after what it writes (an attention with fewer key/value heads
+    stores fewer), so decoding writes into them and never reallocates. `reset` empties the cache for
+    a new prefill and keeps the buffers. Positions and masks are the caller's business: the cache only
+    stores and returns.
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int | None = None,
-                 device: torch.device | str | None = None, pad: torch.Tensor | None = None):
+                 device: torch.device | str | None = None):
         self.max_len = max_len or config.block_size
         if self.max_len > config.block_size:
             raise ValueError(f"a cache of {self.max_len} positions exceeds the model's context of "
                              f"{config.block_size}")
-        self.shape = (config.n_layer, batch_size, config.n_head, self.max_len, config.head_dim)
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.k: torch.Tensor | None = None  # allocated on first use, in the dtype of the keys
-        self.v: torch.Tensor | None = None
-        self._k_layers: tuple[torch.Tensor, ...] = ()  # self.k[layer] for each layer, made once
-        self._v_layers: tuple[torch.Tensor, ...] = ()
+        self.batch_size = batch_size
+        self.device = torch.device(device) if device is not None else None
+        self.layers: list[tuple[torch.Tensor, ...] | None] = [None] * config.n_layer
         self.pos = 0  # slots filled so far
-        self._slots = torch.arange(self.max_len, device=self.device)
-        self.pad = pad.to(self.device) if pad is not None else None
-        self.valid = None
-        if self.pad is not None:
-            # key slot j of row b holds a real token when j >= pad[b]
-            self.valid = self._slots[None, :] >= self.pad[:, None]  # (B, max_len)
-            # the position of slot j in row b counts from the row's first real token
-            self._positions = (self._slots[None, :] - self.pad[:, None]).clamp(min=0)  # (B, max_len)
-            # once every row is past its padding, a new token may see every real slot before it:
-            # the mask of a decoding step is a slice of `valid`
-            self._decode_mask = self.valid[:, None, None, :]  # (B, 1, 1, max_len)
-            self._all_real_from = int(self.pad.max())
 
     def reset(self) -> None:
         """Forget the cached tokens (the buffers stay allocated)."""
         self.pos = 0
 
-    def prepare(self, T: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Positions (T,) or (B, T) of the next T tokens, and the attention mask they need."""
-        pos = self.pos
-        L = pos + T
+    def update(self, layer: int, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Write this step's tensors (B, heads, T, dim) at the next free slots; return each one's
+        slots so far, (B, heads, pos + T, dim)."""
+        T = new[0].size(2)
+        L = self.pos + T
         if L > self.max_len:
-            raise ValueError(f"the KV cache holds {self.max_len} positions; {pos} are used and "
-                             f"{T} more do not fit")
-        q_slots = self._slots[pos:L]
-        if self.pad is None:
-            # no padding: causal order is all there is; sdpa handles T == 1 and a fresh prefill itself
-            if T == 1 or pos == 0:
-                return q_slots, None
-            return q_slots, (self._slots[None, :L] <= q_slots[:, None])[None, None]
-        positions = self._positions[:, pos:L]
-        if T == 1 and pos >= self._all_real_from:
-            return positions, self._decode_mask[..., :L]
-        causal = self._slots[None, :L] <= q_slots[:, None]  # (T, L)
-        mask = causal[None] & self.valid[:, None, :L]  # (B, T, L)
-        # a padding slot attends to itself, so its (unused) row never becomes NaN
-        mask = mask | (self._slots[None, :L] == q_slots[:, None])[None]
-        return positions, mask[:, None]
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the new keys and values (B, n_head, T, head_dim); return all of this layer's so far."""
-        if self.k is None:
-            self.k = torch.empty(self.shape, dtype=k.dtype, device=k.device)
-            self.v = torch.empty(self.shape, dtype=v.dtype, device=v.device)
-            self._k_layers, self._v_layers = self.k.unbind(0), self.v.unbind(0)
-        T, L = k.size(2), self.pos + k.size(2)
-        k_all, v_all = self._k_layers[layer], self._v_layers[layer]
-        k_all.narrow(2, self.pos, T).copy_(k)
-        v_all.narrow(2, self.pos, T).copy_(v)
-        return k_all.narrow(2, 0, L), v_all.narrow(2, 0, L)
+            raise ValueError(f"the KV cache holds {self.max_len} positions; {self.pos} are used and {T} "
+                             "more do not fit")
+        bufs = self.layers[layer]
+        if bufs is None:
+            bufs = tuple(torch.empty(t.size(0), t.size(1), self.max_len, t.size(3), dtype=t.dtype,
+                                     device=t.device) for t in new)
+            self.layers[layer] = bufs
+        out = []
+        for buf, t in zip(bufs, new):
+            buf.narrow(2, self.pos, T).copy_(t)
+            out.append(buf.narrow(2, 0, L))
+        return tuple(out)
 
     def advance(self, T: int) -> None:
         self.pos += T

@@ -15,6 +15,8 @@ import math
 import torch
 import torch.nn as nn
 
+from gpt2lab.errors import UserError
+
 
 def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = False) -> list[dict]:
     """Two groups: matrices that are decayed, and everything else."""
@@ -83,16 +85,20 @@ def make_optimizer(model: nn.Module, *, kind: str, lr: float, weight_decay: floa
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
     if kind == "adamw-scratch":
         return ScratchAdamW(groups, lr=lr, betas=betas, eps=eps)
-    raise ValueError(f"unknown optimizer {kind!r}; choose 'adamw' or 'adamw-scratch'")
+    raise UserError(f"unknown optimizer {kind!r}; choose adamw or adamw-scratch")
 
 
-def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
-    """Linear warmup to `lr`, then cosine decay to `min_lr` at `max_steps`.
+def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, max_steps: int,
+          schedule: str = "cosine") -> float:
+    """Linear warmup to `lr`, then cosine decay to `min_lr` at `max_steps` (or, `schedule="constant"`,
+    `lr` from then on).
 
     `step` counts from 0; the first step already uses a non-zero rate.
     """
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return lr
     if step >= max_steps:
         return min_lr
     progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)

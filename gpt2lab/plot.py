@@ -6,19 +6,24 @@ import json
 import os
 from pathlib import Path
 
+from gpt2lab import io
 from gpt2lab.errors import UserError
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
+    if not Path(run_dir).is_dir():
+        raise UserError(f"{run_dir} is not a run directory; pass one written by `gpt2lab pretrain`")
     if not path.is_file():
         raise UserError(f"{path} does not exist; pass a run directory written by `gpt2lab pretrain`")
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in io.read_text(path, "metrics file").splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut short by an interrupted run
+        if isinstance(record, dict):
+            records.append(record)
     if not records:
         raise UserError(f"{path} has no metrics yet; train for at least --log-every steps")
     return records
@@ -32,10 +37,11 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
         import matplotlib.pyplot as plt
     except ImportError:
         raise UserError("plotting needs matplotlib; install it with `pip install 'gpt2lab[plot]'`") from None
-    records = read_metrics(run_dir)
-    train = [r for r in records if "loss" in r]
-    val = [r for r in records if "val_loss" in r]
     out = Path(out) if out else Path(run_dir) / "curves.png"
+    io.check_output_file(out, "png", flag="--out")
+    records = read_metrics(run_dir)
+    train = [r for r in records if "loss" in r and isinstance(r.get("step"), (int, float))]
+    val = [r for r in records if "val_loss" in r and isinstance(r.get("step"), (int, float))]
 
     fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(8, 7), sharex=True,
                                          gridspec_kw={"height_ratios": [3, 1]})
@@ -58,8 +64,7 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
         top.set_xlabel("tokens")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
+    with io.atomic_file(out, "wb") as f:
+        fig.savefig(f, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, out)
     return out

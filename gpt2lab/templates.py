@@ -1,69 +1,161 @@
-"""Prompt templates: how an instruction-tuned model expects its input laid out.
+"""The chat format: how a conversation becomes the tokens an instruction-tuned model reads.
 
-A run dir made by instruction fine-tuning stores the name of its template in
-config.json (`"template": "alpaca"`); `gpt2lab chat` and `generate` read it
-and put the user's text in the instruction slot. A base model has none and
-simply continues the text.
+One function turns messages into a prompt, for every user of it: SFT (what is
+trained), `gpt2lab chat`, the judge and instruction scoring (what is asked).
+
+    messages = [{"role": "user", "content": "Spell it backwards.", "input": "garden"},
+                {"role": "assistant", "content": "nedrag"}, {"role": "user", "content": ...}]
+    ids, trained = encode_messages(tokenizer, messages, "alpaca", add_generation_prompt=True)
+    text = render_messages(messages, "alpaca", add_generation_prompt=True)   # the same, as text
+
+Formats (a run dir made by SFT stores its name in config.json as "template"):
+
+- "alpaca": the Stanford Alpaca prompt ("Below is an instruction ... ### Instruction: ...
+  ### Response:"); a user message may carry an "input" (Alpaca's optional context). Later turns
+  repeat the "### Instruction:" / "### Response:" blocks.
+- "chat": "### System:", "### User:", "### Assistant:" turns.
+
+GPT-2's vocabulary has a single special token, so turn markers are ordinary text; every
+assistant answer ends with <|endoftext|>, which SFT trains, so a model learns to stop. An answer
+also stops at the format's stop text ("\\n### ", the start of a next turn) in case it runs on.
+A base model (no format) gets no markup: the conversation is its running text.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gpt2lab.errors import UserError
 
-@dataclass(frozen=True)
-class Template:
-    name: str
-    with_input: str  # fields: {instruction}, {input}
-    without_input: str  # fields: {instruction}
-    stop: tuple[str, ...] = ()  # text that ends an answer besides <|endoftext|>
-
-    def render(self, instruction: str, input: str = "") -> str:
-        if input:
-            return self.with_input.format(instruction=instruction, input=input)
-        return self.without_input.format(instruction=instruction)
-
+EOT_TEXT = "<|endoftext|>"  # how render_messages shows the end-of-answer token
+ROLES = ("system", "user", "assistant")
 
 _ALPACA_HEAD = ("Below is an instruction that describes a task{extra}. "
                 "Write a response that appropriately completes the request.\n\n")
-ALPACA = Template(
-    name="alpaca",
-    with_input=_ALPACA_HEAD.format(extra=", paired with an input that provides further context")
-    + "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
-    without_input=_ALPACA_HEAD.format(extra="") + "### Instruction:\n{instruction}\n\n### Response:\n",
-    stop=("\n### ",),
-)
-
+_WITH_INPUT = ", paired with an input that provides further context"
 
 
 @dataclass(frozen=True)
-class ChatTemplate:
-    """Conversations as plain text turns: '### User:' ... '### Assistant:' ...
-
-    GPT-2's vocabulary has one special token, so the turn markers are
-    ordinary text; <|endoftext|> ends each assistant turn during training.
-    """
-
-    name: str = "chat"
-    assistant_prefix: str = "### Assistant:\n"
-    turn_end: str = "\n\n"
-    stop: tuple[str, ...] = ("\n### ",)
-
-    def render_turn(self, role: str, content: str) -> str:
-        return f"### {role.capitalize()}:\n{content}{self.turn_end}"
-
-    def render(self, instruction: str, input: str = "") -> str:
-        text = instruction if not input else f"{instruction}\n\n{input}"
-        return self.render_turn("user", text) + self.assistant_prefix
+class Segment:
+    text: str
+    answer: bool = False  # an assistant answer: trained by SFT and followed by <|endoftext|>
 
 
-CHAT = ChatTemplate()
-TEMPLATES = {t.name: t for t in (ALPACA, CHAT)}
+@dataclass(frozen=True)
+class ChatFormat:
+    name: str
+    stop: tuple[str, ...]  # text that ends an answer besides <|endoftext|>
+
+    def segments(self, messages: list[dict], add_generation_prompt: bool) -> list[Segment]:
+        msgs = check_messages(messages)
+        out: list[Segment] = []
+        if self.name == "plain":  # a base model: the messages are its running text
+            return [Segment(m["content"], answer=m["role"] == "assistant") for m in msgs]
+        system = " ".join(m["content"] for m in msgs if m["role"] == "system")
+        turns = [m for m in msgs if m["role"] != "system"]
+        if self.name == "alpaca":
+            for i, m in enumerate(turns):
+                if m["role"] == "user":
+                    head = ""
+                    if not any(t["role"] == "user" for t in turns[:i]):
+                        head = (system + "\n\n") if system else _ALPACA_HEAD.format(
+                            extra=_WITH_INPUT if m.get("input") else "")
+                    elif out:
+                        head = "\n\n"
+                    body = f"### Instruction:\n{m['content']}\n\n"
+                    if m.get("input"):
+                        body += f"### Input:\n{m['input']}\n\n"
+                    out.append(Segment(head + body + "### Response:\n"))
+                else:
+                    out.append(Segment(m["content"], answer=True))
+        else:  # chat
+            if system:
+                out.append(Segment(f"### System:\n{system}\n\n"))
+            for m in turns:
+                if m["role"] == "user":
+                    text = m["content"] if not m.get("input") else f"{m['content']}\n\n{m['input']}"
+                    sep = "\n\n" if out and out[-1].answer else ""
+                    out.append(Segment(f"{sep}### User:\n{text}\n\n"))
+                else:
+                    sep = "\n\n" if out and out[-1].answer else ""
+                    out.append(Segment(f"{sep}### Assistant:\n"))
+                    out.append(Segment(m["content"], answer=True))
+        if add_generation_prompt:
+            if turns and turns[-1]["role"] == "assistant":
+                raise UserError("the conversation already ends with an answer; add a user message "
+                                "before asking for another")
+            if self.name == "chat":
+                out.append(Segment(("\n\n" if out and out[-1].answer else "") + "### Assistant:\n"))
+        return out
 
 
-def get_template(name: str | None) -> Template | ChatTemplate | None:
+FORMATS = {f.name: f for f in (ChatFormat("alpaca", ("\n### ",)), ChatFormat("chat", ("\n### ",)))}
+PLAIN = ChatFormat("plain", ())
+
+
+def get_format(name: str | None) -> ChatFormat:
+    """The chat format named in a run dir's config ("template"); a base model (None) gets "plain"."""
     if name is None:
-        return None
-    if name not in TEMPLATES:
-        raise ValueError(f"unknown prompt template {name!r}; known: {', '.join(TEMPLATES)}")
-    return TEMPLATES[name]
+        return PLAIN
+    if not isinstance(name, str) or name not in FORMATS:
+        raise UserError(f"unknown chat format {name!r}; known: {', '.join(FORMATS)}")
+    return FORMATS[name]
+
+
+def check_messages(messages) -> list[dict]:
+    """Messages are a non-empty list of {"role": system|user|assistant, "content": text}."""
+    if not isinstance(messages, list) or not messages:
+        raise UserError("messages must be a non-empty list of {role, content} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise UserError(f"message {i} ({str(m)[:80]}) needs a `role` ({', '.join(ROLES)}) and text "
+                            "`content`")
+        if "input" in m and m["input"] is not None and not isinstance(m["input"], str):
+            raise UserError(f"message {i}: `input` must be text")
+    return messages
+
+
+def _format(fmt: str | ChatFormat | None) -> ChatFormat:
+    return fmt if isinstance(fmt, ChatFormat) else get_format(fmt)
+
+
+def render_messages(messages: list[dict], fmt: str | ChatFormat | None = "chat",
+                    add_generation_prompt: bool = True) -> str:
+    """The prompt as text; the end of each answer shows as <|endoftext|> (one special token)."""
+    return "".join(s.text + (EOT_TEXT if s.answer and fmt not in (None, PLAIN) else "")
+                   for s in _format(fmt).segments(messages, add_generation_prompt))
+
+
+def encode_messages(tokenizer, messages: list[dict], fmt: str | ChatFormat | None = "chat",
+                    add_generation_prompt: bool = True) -> tuple[list[int], list[bool]]:
+    """(ids, trained): every answer's tokens and the <|endoftext|> after it are marked trained.
+
+    Each segment is encoded on its own and user text never becomes a special token, even when it
+    contains the characters "<|endoftext|>".
+    """
+    f = _format(fmt)
+    ids: list[int] = []
+    trained: list[bool] = []
+    for seg in f.segments(messages, add_generation_prompt):
+        piece = tokenizer.encode(seg.text) if seg.text else []
+        ids += piece
+        trained += [seg.answer] * len(piece)
+        if seg.answer and f is not PLAIN:
+            if tokenizer.eot_id is None:
+                raise UserError("the tokenizer has no <|endoftext|> token to end an answer with")
+            ids.append(tokenizer.eot_id)
+            trained.append(True)
+    return ids, trained
+
+
+def record_messages(record: dict) -> list[dict]:
+    """An Alpaca record {instruction, input, output} or a chat record {messages} as messages."""
+    if "messages" in record:
+        return record["messages"]
+    user = {"role": "user", "content": record["instruction"]}
+    if record.get("input"):
+        user["input"] = record["input"]
+    messages = [user]
+    if "output" in record:
+        messages.append({"role": "assistant", "content": record["output"]})
+    return messages

@@ -1,16 +1,22 @@
-"""The training loop: pretraining (and, later, SFT) go through `Trainer`.
+"""The training loop, and the task protocol every kind of training plugs into.
 
 One optimizer step:
-    for each of `grad_accum` micro-batches:     (B sequences of T tokens, per process)
-        logits = model(x); loss = cross_entropy(logits, y) / grad_accum
-        loss.backward()                          (DDP syncs gradients on the last one only)
+    for each of `grad_accum` micro-batches:     (B rows of T tokens, per process)
+        loss, metrics = task.loss(model, batch); (loss / grad_accum).backward()
+        (DDP syncs gradients on the last micro-batch only)
     clip the gradient norm; set the learning rate for this step; optimizer.step()
 
-The batch per step is `total_batch_tokens` = B * T * grad_accum * world_size,
-so the same run gives the same updates on 1 process or N (up to float rounding).
-Checkpoints hold everything the next step depends on (weights, optimizer
-moments, RNG states, the data loader's position), so a run that is killed and
-resumed ends with the same bits as one that was not.
+The `Trainer` owns everything that is the same for every objective: accumulation, clipping,
+the schedule, mixed precision, compile, DDP, the run directory and its lock, checkpoints,
+exact resume and logging. A `Task` owns what differs: its data and batches, `loss(model,
+batch) -> (loss, metrics)` (extra metrics are logged as they come), its evaluation, and what
+the run dir records. Pretraining (`LMTask`, below), SFT and classification
+(gpt2lab/finetune) are tasks.
+
+The batch per step is `total_batch_tokens` = B * T * grad_accum * world_size, so the same run
+gives the same updates on 1 process or N (up to float rounding). Checkpoints hold everything the
+next step depends on (weights, optimizer moments, RNG states, the data position, the task's
+state), so a run that is killed and resumed ends with the same bits as one that was not.
 """
 
 from __future__ import annotations
@@ -26,11 +32,11 @@ import torch
 import torch.nn.functional as F
 
 from gpt2lab import checkpoint as ckpt
-from gpt2lab import distributed
-from gpt2lab.config import MODEL_FIELDS, TrainConfig, load_config_file  # noqa: F401 (re-exported)
+from gpt2lab import distributed, io
+from gpt2lab.config import LoopConfig, TrainConfig, build, explicit_settings, merge_for_resume
 from gpt2lab.errors import UserError
 from gpt2lab.metrics import MetricsLogger, console, format_seconds, peak_flops
-from gpt2lab.model import GPT, GPTConfig
+from gpt2lab.model import GPT, GPTConfig, model_fields
 from gpt2lab.optim import lr_at, make_optimizer
 
 IGNORE_INDEX = -100  # targets with this value take no part in the loss (SFT prompts, padding)
@@ -44,17 +50,19 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
                            ignore_index=IGNORE_INDEX)
 
 
-# --------------------------------------------------------------------------------------
-
-
 @dataclass
 class TrainResult:
     steps: list[int] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     val_steps: list[int] = field(default_factory=list)
     val_losses: list[float] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)  # every evaluation's metrics, with its step
     final_val_loss: float | None = None
     run_dir: str = ""
+
+
+class NonFiniteLoss(UserError):
+    pass
 
 
 def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -69,78 +77,121 @@ def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
-def build_model_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
-    overrides = {k: getattr(cfg, k) for k in MODEL_FIELDS if getattr(cfg, k) is not None}
-    try:
-        return GPTConfig.from_preset(cfg.model, vocab_size=vocab_size, **overrides)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+def model_overrides(cfg) -> dict:
+    """The model fields a config sets (None: keep the preset's / the starting run's)."""
+    return {f.name: getattr(cfg, f.name) for f in model_fields() if getattr(cfg, f.name, None) is not None}
 
 
-class NonFiniteLoss(UserError):
-    pass
+# ------------------------------------------------------------------------------ tasks
+
+
+class Task:
+    """What one kind of training supplies to the loop. Methods are called in this order:
+    `load` (data and tokenizer), `model_config`, `build_model`, `train_loader`; then per step
+    `loss`, and now and then `evaluate`, `sample`, `state_dict`; at the end `save_final` and
+    `finish` (rank 0)."""
+
+    name = "task"
+    kind = "lm"  # the kind of run dir it writes
+    tokenizer = None
+    data_identity: dict | None = None
+
+    def __init__(self, cfg: LoopConfig):
+        self.cfg = cfg
+
+    def inputs(self) -> list[str]:
+        """Paths the task reads: the run dir may not be, hold or lie inside any of them."""
+        return []
+
+    def load(self, trainer: Trainer) -> None:
+        raise NotImplementedError
+
+    def model_config(self, stored: GPTConfig | None) -> GPTConfig:
+        """The model to train; `stored`: the config of the run being resumed."""
+        raise NotImplementedError
+
+    def build_model(self, model_config: GPTConfig, resuming: bool) -> torch.nn.Module:
+        """The model with its starting weights (random, or a run's); on resume the checkpoint's replace them."""
+        return GPT(model_config)
+
+    def seq_len(self, model_config: GPTConfig) -> int:
+        return self.cfg.seq_len or model_config.block_size
+
+    def train_loader(self, trainer: Trainer):
+        """An object with next_batch(), state_dict(), load_state_dict() and steps_per_epoch."""
+        raise NotImplementedError
+
+    def loss(self, model: torch.nn.Module, batch) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def evaluate(self, trainer: Trainer, model: torch.nn.Module) -> dict:
+        """Metrics of the held-out data, the same on every rank; "val_loss" is the headline."""
+        return {}
+
+    def sample(self, trainer: Trainer, model: torch.nn.Module) -> str | None:
+        return None
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def run_config(self) -> dict:
+        """Entries for the run's config.json besides the model, tokenizer, train and data."""
+        return {}
+
+    def save_final(self, trainer: Trainer, model: torch.nn.Module) -> None:
+        ckpt.save_weights(model, trainer.out / ckpt.WEIGHTS_FILE)
+
+    def finish(self, trainer: Trainer, result: TrainResult) -> None:
+        pass
+
+
+# ------------------------------------------------------------------------------ the loop
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, dist: distributed.DistInfo):
+    def __init__(self, cfg: LoopConfig, task: Task, dist: distributed.DistInfo, given: dict | None = None):
+        self.dist, self.task = dist, task
+        self.out = Path(cfg.out) if cfg.out else None
+        cfg = self._settings(cfg, given)
         cfg.validate()
-        self.cfg, self.dist = cfg, dist
+        self.cfg, task.cfg = cfg, cfg
         self.device = dist.device
         self.dtype = _resolve_dtype(cfg.dtype, self.device)
-        self.out = Path(cfg.out)
+        self.lock = None
+        self._created_out = self.out is not None and not self.out.exists()
+        distributed.agree(dist, self._claim_out_dir)  # rank 0 checks and locks; every rank learns the outcome
+        try:
+            self._setup(cfg, task, dist)
+        except BaseException:
+            self._abandon()
+            raise
 
-        # the data and its tokenizer
-        self.load_data()
+    def _abandon(self) -> None:
+        """A set-up that failed leaves nothing behind: the lock goes, and so does a run dir it created."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+        if self._created_out and self.dist.is_main and not (self.out / ckpt.CONFIG_FILE).exists():
+            (self.out / ".lock").unlink(missing_ok=True)
+            try:
+                self.out.rmdir()
+            except OSError:
+                pass
 
-        # where this run starts from
-        if self.out.exists() and not self.out.is_dir():
-            raise UserError(f"--out {self.out} is a file, not a directory; choose another --out")
-        self.resume_from: Path | None = None
-        existing = (self.out / ckpt.CONFIG_FILE).exists()
-        if cfg.resume:
-            if not existing:
-                raise UserError(f"--resume: {self.out} holds no run to continue; start it without --resume")
-            checkpoints = ckpt.list_checkpoints(self.out)
-            if not checkpoints:
-                raise UserError(f"--resume: {self.out} has no complete checkpoint yet; start the run again "
-                                "without --resume (and a new --out, or delete this one)")
-            self.resume_from = checkpoints[-1]
-            stored = ckpt.read_run_config(self.out)
-            self.model_config = GPTConfig.from_dict(stored["model"])
-            if stored["tokenizer"]["sha256"] != self.tokenizer.fingerprint:
-                raise UserError(f"--resume: the run in {self.out} was trained on data with another "
-                                f"tokenizer than {cfg.data}; resume with the run's own --data")
-        else:
-            if existing:
-                raise UserError(f"{self.out} already holds a run; pass --resume to continue it, or "
-                                "choose another --out")
-            if cfg.init_from:
-                init = ckpt.read_run_config(cfg.init_from)
-                self.model_config = GPTConfig.from_dict(init["model"])
-                if init["tokenizer"]["sha256"] != self.tokenizer.fingerprint:
-                    raise UserError(f"--init-from {cfg.init_from} uses tokenizer "
-                                    f"{init['tokenizer'].get('name')!r}, the data in {cfg.data} uses "
-                                    f"{self.tokenizer.name!r}; prepare the data with the run's tokenizer "
-                                    f"(`gpt2lab prepare --tokenizer {cfg.init_from}`)")
-            else:
-                self.model_config = build_model_config(cfg, self.tokenizer.vocab_size)
-        if cfg.resume or cfg.init_from:
-            # the model comes from a run: a size flag that disagrees with it cannot be honoured
-            source = "the run being resumed" if cfg.resume else f"--init-from {cfg.init_from}"
-            for name in MODEL_FIELDS:
-                given = getattr(cfg, name)
-                if given is not None and name != "dropout" and given != getattr(self.model_config, name):
-                    raise UserError(f"--{name.replace('_', '-')} {given} disagrees with {source} "
-                                    f"({getattr(self.model_config, name)}); drop the flag")
-            if cfg.dropout is not None and cfg.dropout != self.model_config.dropout:
-                self.model_config = GPTConfig.from_dict({**self.model_config.to_dict(),
-                                                         "dropout": cfg.dropout})
-        if self.model_config.vocab_size < self.tokenizer.vocab_size:
-            raise UserError(f"the model's vocabulary ({self.model_config.vocab_size}) is smaller than "
-                            f"the tokenizer's ({self.tokenizer.vocab_size})")
+    def _setup(self, cfg: LoopConfig, task: Task, dist: distributed.DistInfo) -> None:
+        task.load(self)
+
+        stored = ckpt.open_run(self.out).model_config if self.resume_from is not None else None
+        self.model_config = task.model_config(stored)
+        if task.tokenizer is not None and self.model_config.vocab_size < task.tokenizer.vocab_size:
+            raise UserError(f"the model's vocabulary ({self.model_config.vocab_size}) is smaller than the "
+                            f"tokenizer's ({task.tokenizer.vocab_size})")
 
         # batch geometry
-        self.seq_len = cfg.seq_len or self.model_config.block_size
+        self.seq_len = task.seq_len(self.model_config)
         if self.seq_len > self.model_config.block_size:
             raise UserError(f"--seq-len {self.seq_len} is longer than the model's context "
                             f"({self.model_config.block_size}); lower it or raise --block-size")
@@ -148,29 +199,31 @@ class Trainer:
         self.total_batch_tokens = cfg.total_batch_tokens or micro_tokens
         if self.total_batch_tokens % micro_tokens:
             raise UserError(
-                f"--total-batch-tokens {self.total_batch_tokens} is not a multiple of batch-size x "
-                f"seq-len x processes = {cfg.batch_size} x {self.seq_len} x {dist.world_size} = "
-                f"{micro_tokens}; use a multiple of {micro_tokens}")
+                f"--total-batch-tokens {self.total_batch_tokens} is not a multiple of batch-size x seq-len x "
+                f"processes = {cfg.batch_size} x {self.seq_len} x {dist.world_size} = {micro_tokens}; "
+                f"use a multiple of {micro_tokens}")
         self.grad_accum = self.total_batch_tokens // micro_tokens
         self.min_lr = cfg.min_lr if cfg.min_lr is not None else cfg.lr / 10
 
         # model and optimizer (every rank builds the same initial weights from the seed)
         torch.manual_seed(cfg.seed)
-        self.model = GPT(self.model_config)
-        if cfg.init_from and not cfg.resume:
-            ckpt.load_weights(self.model, Path(cfg.init_from) / ckpt.WEIGHTS_FILE)
-        self.prepare_model()
+        random.seed(cfg.seed)
+        self.model = task.build_model(self.model_config, resuming=self.resume_from is not None)
         self.model.to(self.device)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.optimizer = make_optimizer(
             self.model, kind=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
-            betas=(cfg.beta1, cfg.beta2), decay_embeddings=cfg.decay_embeddings,
-            device_type=self.device.type)
+            betas=(cfg.beta1, cfg.beta2), decay_embeddings=cfg.decay_embeddings, device_type=self.device.type)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
 
-        self.train_loader, self.val_batches = self.make_loaders()
+        self.train_loader = task.train_loader(self)
+        per_epoch = max(1, math.ceil(self.train_loader.steps_per_epoch / self.grad_accum))
+        self.steps_per_epoch = per_epoch
+        self.max_steps = max(1, math.ceil(cfg.epochs * per_epoch)) if cfg.epochs is not None else cfg.max_steps
+        self.eval_every = cfg.eval_every or per_epoch
+        self.checkpoint_every = cfg.checkpoint_every or self.eval_every
 
         self.step = 0
         self.elapsed_before = 0.0
@@ -193,69 +246,75 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             ckpt.clean_partial_checkpoints(self.out)
             if self.resume_from is None:
-                self.tokenizer.save(self.out)
-                self._write_config()
+                if task.tokenizer is not None:
+                    task.tokenizer.save(self.out)
+            self._write_config()
             self.logger = MetricsLogger(self.out, tensorboard=cfg.tensorboard,
                                         resume_step=self.step if self.resume_from is not None else None)
         distributed.barrier(dist)
 
-    # ------------------------------------------------- what a fine-tuning task overrides
+    # ------------------------------------------------------------------ set-up
 
-    def load_data(self) -> None:
-        """Set `self.tokenizer` and `self.data_identity` from `cfg.data` (a pretraining data dir)."""
-        from gpt2lab.data import check_tokenizer, read_meta
-        from gpt2lab.tokenizer import load_tokenizer_file
+    def _settings(self, cfg: LoopConfig, given: dict | None) -> LoopConfig:
+        """On --resume, the run's stored settings with the given ones that may change."""
+        if not cfg.resume or self.out is None or not (self.out / ckpt.CONFIG_FILE).is_file():
+            return cfg
+        stored = ckpt.open_run(self.out, "--out").config
+        given = explicit_settings(cfg) if given is None else given
+        values = merge_for_resume(type(cfg), stored.get("train"), given)
+        if "max_steps" in given:  # a new length replaces one derived from --epochs
+            values["epochs"] = None
+        if "data" in values and not given.get("data") and isinstance(stored.get("data"), dict):
+            values["data"] = values.get("data") or stored["data"].get("path", "")
+        return build(type(cfg), values)
 
-        meta = read_meta(self.cfg.data)
-        self.tokenizer = load_tokenizer_file(Path(self.cfg.data) / ckpt.TOKENIZER_FILE)
-        check_tokenizer(meta, self.tokenizer)
-        self.data_identity = {"path": str(Path(self.cfg.data).resolve()),
-                              "tokens": {k: v["tokens"] for k, v in meta["splits"].items()},
-                              "tokenizer_sha256": meta["tokenizer"]["sha256"]}
+    def _claim_out_dir(self) -> None:
+        """Decide where this run starts from, and lock --out (rank 0)."""
+        cfg, out = self.cfg, self.out
+        self.resume_from = None
+        has_run = (out / ckpt.CONFIG_FILE).is_file()
+        if has_run:
+            checkpoints = ckpt.list_checkpoints(out)
+            finished = (out / ckpt.WEIGHTS_FILE).is_file()
+            if not cfg.resume and (checkpoints or finished):
+                raise UserError(f"{out} already holds a run; pass --resume to continue it, or choose another "
+                                "--out")
+            if cfg.resume and checkpoints:
+                self.resume_from = checkpoints[-1]
+            elif cfg.resume and finished:
+                raise UserError(f"--resume: {out} holds a finished run without checkpoints to continue from; "
+                                "start a new run with --init-from it")
+            # else: a run stopped before its first checkpoint simply starts again from step 0
+        elif cfg.resume:
+            raise UserError(f"--resume: {out} holds no run to continue; start it without --resume")
+        if not has_run:
+            io.check_output_dir(out, "run", flag="--out", inputs=self.task.inputs())
+        else:
+            io.check_not_an_input(out, self.task.inputs(), "--out")
+        if self.dist.is_main:
+            self.lock = io.RunLock(out)
+            self.lock.acquire()
+        if has_run and self.resume_from is None and self.dist.is_main:
+            console(f"{out} has no checkpoint yet: starting it again from step 0")
 
-    def make_loaders(self):
-        """(train loader, fixed validation batches): random or sequential windows of the shards.
-
-        The train loader has `next_batch() -> (x, y)`, `state_dict()` and
-        `load_state_dict()`; the validation batches are the same at every
-        evaluation, and split across processes.
-        """
-        from gpt2lab.data import TokenLoader
-
-        cfg, dist = self.cfg, self.dist
-        train = TokenLoader(cfg.data, "train", cfg.batch_size, self.seq_len, mode=cfg.data_order,
-                            seed=cfg.seed, rank=dist.rank, world_size=dist.world_size, device=self.device)
-        try:
-            val = TokenLoader(cfg.data, "val", cfg.batch_size, self.seq_len, mode="sequential", seed=0,
-                              rank=dist.rank, world_size=dist.world_size, device=self.device)
-        except UserError as e:
-            raise UserError(f"validation split: {e}") from None
-        return train, [val.next_batch() for _ in range(cfg.eval_batches)]
-
-    def prepare_model(self) -> None:
-        """Change the model before training starts (fine-tuning wraps layers, freezes weights)."""
-
-    def extra_config(self) -> dict:
-        """More entries for the run's config.json."""
-        return {}
-
-    def save_final(self) -> None:
-        ckpt.save_weights(self.model, self.out / ckpt.WEIGHTS_FILE)
-
-    # ------------------------------------------------------------------ helpers
+    def _write_config(self) -> None:
+        train = asdict(self.cfg)
+        train["resume"] = False
+        resolved = {"seq_len": self.seq_len, "total_batch_tokens": self.total_batch_tokens,
+                    "grad_accum": self.grad_accum, "min_lr": self.min_lr, "max_steps": self.max_steps,
+                    "world_size": self.dist.world_size, "dtype": str(self.dtype).replace("torch.", ""),
+                    "device": str(self.device)}
+        ckpt.write_run_config(self.out, self.model_config, tokenizer_identity=self.task.tokenizer.identity(),
+                              kind=self.task.kind, task=self.task.name, train=train,
+                              data=self.task.data_identity, extra={"resolved": resolved,
+                                                                   **self.task.run_config()})
 
     def _autocast(self):
         if self.dtype == torch.float32:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
-    def _write_config(self) -> None:
-        train = asdict(self.cfg)
-        train.update(seq_len=self.seq_len, total_batch_tokens=self.total_batch_tokens,
-                     grad_accum=self.grad_accum, min_lr=self.min_lr, world_size=self.dist.world_size,
-                     dtype=str(self.dtype).replace("torch.", ""), device=str(self.device))
-        ckpt.write_run_config(self.out, self.model_config, tokenizer_identity=self.tokenizer.identity(),
-                              train=train, data=self.data_identity, extra=self.extra_config())
+    # ------------------------------------------------------------------ checkpoints
 
     def _rng_state(self) -> dict:
         state = {"torch": torch.get_rng_state(), "python": random.getstate()}
@@ -270,119 +329,137 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["cuda"])
 
     def _save_checkpoint(self) -> None:
-        """Every rank's loader and RNG state is gathered; rank 0 writes."""
-        local = {"loader": self.train_loader.state_dict(), "rng": self._rng_state()}
+        """Every rank's RNG state is gathered; the data position and the task's state are global; rank 0
+        writes."""
+        rng = self._rng_state()
         if self.dist.enabled:
             gathered = [None] * self.dist.world_size
-            torch.distributed.all_gather_object(gathered, local)
+            torch.distributed.all_gather_object(gathered, rng)
         else:
-            gathered = [local]
+            gathered = [rng]
         if self.dist.is_main:
             trainer_state = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                             "rng": [g["rng"] for g in gathered]}
+                             "rng": gathered}
             state = {"step": self.step, "elapsed": self.elapsed_before + self._session_time(),
-                     "loaders": [g["loader"] for g in gathered], "world_size": self.dist.world_size,
-                     "tokens_seen": self.step * self.total_batch_tokens}
-            ckpt.save_checkpoint(self.out, self.step, self.model, trainer_state, state,
-                                 keep=self.cfg.keep_checkpoints)
+                     "data": self.train_loader.state_dict(), "task": self.task.state_dict(),
+                     "world_size": self.dist.world_size, "tokens_seen": self.step * self.total_batch_tokens}
+            try:
+                ckpt.save_checkpoint(self.out, self.step, self.model, trainer_state, state,
+                                     keep=self.cfg.keep_checkpoints)
+            except OSError as e:
+                raise UserError(f"cannot write a checkpoint into {self.out} ({e.strerror}); free space or fix "
+                                "the permissions, then rerun with --resume") from None
         distributed.barrier(self.dist)
 
     def _restore(self, path: Path) -> None:
         trainer_state, state = ckpt.load_checkpoint(path)
         ckpt.load_weights(self.model, path / ckpt.WEIGHTS_FILE)
-        if state.get("world_size") != self.dist.world_size:
-            raise UserError(f"{path} was written by {state.get('world_size')} processes, this run has "
-                            f"{self.dist.world_size}; resume with the same number of processes")
         try:
+            if state.get("world_size") != self.dist.world_size and "data" not in state:
+                raise UserError(f"{path} was written by {state.get('world_size')} processes, this run has "
+                                f"{self.dist.world_size}; resume with the same number of processes")
             self.optimizer.load_state_dict(trainer_state["optimizer"])
             self.scaler.load_state_dict(trainer_state["scaler"])
-            self.train_loader.load_state_dict(state["loaders"][self.dist.rank])
-            self._set_rng_state(trainer_state["rng"][self.dist.rank])
+            data = state["data"] if "data" in state else state["loaders"][self.dist.rank]
+            self.train_loader.load_state_dict(data)
+            rngs = trainer_state["rng"]
+            self._set_rng_state(rngs[self.dist.rank % len(rngs)])
+            self.task.load_state_dict(state.get("task") or {})
             self.step = int(state["step"])
             self.elapsed_before = float(state.get("elapsed", 0.0))
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+            if isinstance(e, UserError):
+                raise
             raise UserError(f"{path} is not a usable checkpoint ({e}); delete it to resume from an "
                             "earlier one") from None
 
     def _session_time(self) -> float:
         return time.time() - self._t_start if hasattr(self, "_t_start") else 0.0
 
-    @torch.no_grad()
-    def evaluate(self) -> float:
-        self.model.eval()
-        total = torch.zeros((), device=self.device)
-        for x, y in self.val_batches:
-            with self._autocast():
-                logits = self.model(x)
-            total += lm_loss(logits, y)
-        self.model.train()
-        total /= len(self.val_batches)
-        return distributed.all_reduce_mean(total, self.dist).item()
-
-    def sample(self, max_new_tokens: int | None = None) -> str:
-        from gpt2lab.generate import generate
-
-        gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed + self.step)
-        with self._autocast():
-            ids = generate(self.model, [self.tokenizer.eot_id], max_new_tokens or self.cfg.sample_tokens,
-                           temperature=1.0, top_k=50, eot_id=self.tokenizer.eot_id, generator=gen)
-        return self.tokenizer.decode(ids)
-
     # ------------------------------------------------------------------ the loop
 
-    def train_step(self) -> tuple[float, float, float]:
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        self.model.eval()
+        try:
+            with self._autocast():
+                return self.task.evaluate(self, self.model)
+        finally:
+            self.model.train()
+
+    def train_step(self) -> tuple[float, float, float, dict]:
         cfg = self.cfg
         lr = lr_at(self.step, lr=cfg.lr, min_lr=self.min_lr, warmup_steps=cfg.warmup_steps,
-                   max_steps=cfg.max_steps)
+                   max_steps=self.max_steps, schedule=cfg.lr_schedule)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=self.device)
+        sums: dict[str, torch.Tensor] = {}
         for micro in range(self.grad_accum):
-            x, y = self.train_loader.next_batch()
+            batch = self.train_loader.next_batch()
             last = micro == self.grad_accum - 1
             # gradients are averaged across processes only on the last micro-batch
             sync = contextlib.nullcontext() if (last or not self.dist.enabled) else self.train_model.no_sync()
             with sync:
                 with self._autocast():
-                    logits = self.train_model(x)
-                loss = lm_loss(logits, y) / self.grad_accum
+                    loss, metrics = self.task.loss(self.train_model, batch)
+                loss = loss / self.grad_accum
                 self.scaler.scale(loss).backward()
             loss_sum += loss.detach()
+            for k, v in metrics.items():
+                v = torch.as_tensor(v, dtype=torch.float32, device=self.device)
+                sums[k] = sums.get(k, torch.zeros((), device=self.device)) + v.detach() / self.grad_accum
         distributed.all_reduce_mean(loss_sum, self.dist)
+        for v in sums.values():
+            distributed.all_reduce_mean(v, self.dist)
         self.scaler.unscale_(self.optimizer)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         loss_value = loss_sum.item()
         if not math.isfinite(loss_value):
             last = ckpt.list_checkpoints(self.out)
-            where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
-            raise NonFiniteLoss(f"the loss became {loss_value} at step {self.step + 1}; {where}; lower --lr "
-                                f"(now {cfg.lr}) or --grad-clip, or change --dtype, then rerun with --resume")
+            fix = (f"then rerun with --resume (from {last[-1]})" if last else
+                   "then run it again (no checkpoint was written yet, it starts from step 0)")
+            raise NonFiniteLoss(f"the loss became {loss_value} at step {self.step + 1}; lower --lr "
+                                f"(now {cfg.lr}) or --grad-clip, or change --dtype, {fix}")
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return loss_value, norm.item(), lr
+        return loss_value, norm.item(), lr, {k: v.item() for k, v in sums.items()}
 
     def run(self) -> TrainResult:
+        try:
+            return self._run()
+        finally:
+            if self.logger is not None:
+                self.logger.close()
+            if self.lock is not None:
+                self.lock.release()
+
+    def _run(self) -> TrainResult:
         cfg, main = self.cfg, self.dist.is_main
         result = TrainResult(run_dir=str(self.out))
         if main:
             verb = f"resuming at step {self.step}" if self.resume_from else "training"
-            console(f"{verb}: {self.model_config.n_layer} layers, {self.model.num_params():,} parameters "
-                    f"on {self.device} ({str(self.dtype).replace('torch.', '')}), "
-                    f"{self.total_batch_tokens:,} tokens per step = {cfg.batch_size} x {self.seq_len} x "
-                    f"{self.grad_accum} accumulation x {self.dist.world_size} processes")
+            trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+            total = self.model.num_params()
+            what = f"{total:,} parameters" + (f" ({trainable:,} trained)" if trainable != total else "")
+            console(f"{verb}: {self.task.name}, {self.model_config.n_layer} layers, {what} on {self.device} "
+                    f"({str(self.dtype).replace('torch.', '')}), {self.total_batch_tokens:,} tokens per step = "
+                    f"{cfg.batch_size} x {self.seq_len} x {self.grad_accum} accumulation x "
+                    f"{self.dist.world_size} processes, {self.max_steps} steps")
         self.model.train()
         self._t_start = time.time()
         steps_this_session, t_window, tokens_window, paused = 0, time.time(), 0, 0.0
-        while self.step < cfg.max_steps:
-            loss, norm, lr = self.train_step()
+        while self.step < self.max_steps:
+            loss, norm, lr, extra = self.train_step()
             steps_this_session += 1
             tokens_window += self.total_batch_tokens
             result.steps.append(self.step)
             result.losses.append(loss)
-            first, last = steps_this_session == 1, self.step == cfg.max_steps
+            first, last = steps_this_session == 1, self.step == self.max_steps
             if self.step % cfg.log_every == 0 or first or last:
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
@@ -390,47 +467,171 @@ class Trainer:
                 tok_s = tokens_window / dt if dt > 0 else 0.0
                 t_window, tokens_window, paused = time.time(), 0, 0.0
                 record = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm,
-                          "tokens": self.step * self.total_batch_tokens, "tokens_per_sec": tok_s}
-                line = (f"step {self.step}/{cfg.max_steps} | loss {loss:.4f} | lr {lr:.2e} | norm {norm:.2f} "
-                        f"| {tok_s:,.0f} tok/s")
+                          "tokens": self.step * self.total_batch_tokens, "tokens_per_sec": tok_s, **extra}
+                line = (f"step {self.step}/{self.max_steps} | loss {loss:.4f} | lr {lr:.2e} | norm {norm:.2f} "
+                        + "".join(f"| {k} {v:.4g} " for k, v in extra.items()) + f"| {tok_s:,.0f} tok/s")
                 if self.peak:
                     mfu = self.flops_per_token * tok_s / (self.peak * self.dist.world_size)
                     record["mfu"] = mfu
                     line += f" | mfu {100 * mfu:.1f}%"
                 session = self._session_time()
-                eta = session / steps_this_session * (cfg.max_steps - self.step)
-                elapsed = format_seconds(self.elapsed_before + session)
-                line += f" | {elapsed} elapsed | eta {format_seconds(eta)}"
+                eta = session / steps_this_session * (self.max_steps - self.step)
+                line += f" | {format_seconds(self.elapsed_before + session)} elapsed | eta {format_seconds(eta)}"
                 if main:
                     console(line)
                     self.logger.log(record)
             t_pause = time.time()
-            if self.step % cfg.eval_every == 0 or last:
-                val = self.evaluate()
-                result.val_steps.append(self.step)
-                result.val_losses.append(val)
-                if main:
-                    console(f"step {self.step}/{cfg.max_steps} | val loss {val:.4f}")
-                    self.logger.log({"step": self.step, "val_loss": val,
-                                     "tokens": self.step * self.total_batch_tokens})
+            if self.step % self.eval_every == 0 or last:
+                metrics = self.evaluate()
+                if metrics:
+                    result.evals.append({"step": self.step, **metrics})
+                    if "val_loss" in metrics:
+                        result.val_steps.append(self.step)
+                        result.val_losses.append(metrics["val_loss"])
+                    if main:
+                        console(f"step {self.step}/{self.max_steps} | "
+                                + " | ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in metrics.items()
+                                             if isinstance(v, float)))
+                        self.logger.log({"step": self.step, **metrics,
+                                         "tokens": self.step * self.total_batch_tokens})
             if cfg.sample_every and self.step % cfg.sample_every == 0 and not last and main:
-                text = self.sample()
-                console(f"--- sample at step {self.step} ---\n{text}\n---")
-                self.logger.text("sample", text, self.step)
-            if self.step % cfg.checkpoint_every == 0 or last:
+                text = self.task.sample(self, self.model)
+                if text is not None:
+                    console(f"--- sample at step {self.step} ---\n{text}\n---")
+                    self.logger.text("sample", text, self.step)
+            if self.step % self.checkpoint_every == 0 or last:
                 self._save_checkpoint()
             paused += time.time() - t_pause
 
-        result.final_val_loss = result.val_losses[-1] if result.val_losses else self.evaluate()
+        if result.val_losses:
+            result.final_val_loss = result.val_losses[-1]
+        elif not result.evals:
+            result.final_val_loss = self.evaluate().get("val_loss")
         if main:
-            self.save_final()
-            self.logger.close()
+            try:
+                self.task.save_final(self, self.model)
+                self.task.finish(self, result)
+            except OSError as e:
+                raise UserError(f"cannot write the final weights into {self.out} ({e.strerror}); free space or "
+                                "fix the permissions, then rerun with --resume") from None
+        distributed.barrier(self.dist)
         return result
 
 
-def pretrain(cfg: TrainConfig) -> TrainResult:
+# ------------------------------------------------------------------------------ pretraining
+
+
+class LMTask(Task):
+    """Pretraining: next-token prediction on the windows of a prepared data dir."""
+
+    name = "pretrain"
+    cfg: TrainConfig
+
+    def inputs(self) -> list[str]:
+        return [p for p in (self.cfg.data, self.cfg.init_from) if p]
+
+    def load(self, trainer: Trainer) -> None:
+        from gpt2lab.data import check_tokenizer, read_meta
+        from gpt2lab.tokenizer import load_tokenizer_file
+
+        cfg = self.cfg
+        meta = read_meta(cfg.data)
+        self.tokenizer = load_tokenizer_file(Path(cfg.data) / ckpt.TOKENIZER_FILE)
+        check_tokenizer(meta, self.tokenizer)
+        self.data_identity = {"path": str(Path(cfg.data).resolve()),
+                              "tokens": {k: v["tokens"] for k, v in meta["splits"].items()},
+                              "tokenizer_sha256": meta["tokenizer"]["sha256"]}
+        self.trainer = trainer
+
+    def _source(self) -> tuple[GPTConfig, str, str]:
+        """(model config, where it comes from, its tokenizer's sha256 or None)."""
+        cfg = self.cfg
+        if cfg.init_from:
+            info = ckpt.open_run(cfg.init_from, "--init-from")
+            if info.kind != "lm":
+                raise UserError(f"--init-from {cfg.init_from} is a classifier; start from a language model run")
+            return info.model_config, f"--init-from {cfg.init_from}", info.tokenizer_sha256
+        overrides = model_overrides(cfg)
+        return GPTConfig.from_preset(cfg.model, vocab_size=self.tokenizer.vocab_size, **overrides), "", None
+
+    def model_config(self, stored: GPTConfig | None) -> GPTConfig:
+        cfg = self.cfg
+        if stored is not None:
+            base, source, sha = stored, "the run being resumed", None
+        else:
+            base, source, sha = self._source()
+        if sha is not None and sha != self.tokenizer.fingerprint:
+            raise UserError(f"{source} was trained with another tokenizer than the data in {cfg.data}; prepare "
+                            f"the data with the run's tokenizer (`gpt2lab prepare --tokenizer {cfg.init_from}`)")
+        if not source:
+            return base
+        # the model comes from a run: a size flag that disagrees with it cannot be honoured
+        values = base.to_dict()
+        for name, given in model_overrides(cfg).items():
+            if given != values[name]:
+                if name in ("dropout",):
+                    values[name] = given
+                    continue
+                raise UserError(f"--{name.replace('_', '-')} {given} disagrees with {source} ({values[name]}); "
+                                "drop the flag")
+        return GPTConfig.from_dict(values)
+
+    def build_model(self, model_config: GPTConfig, resuming: bool) -> torch.nn.Module:
+        model = GPT(model_config)
+        if self.cfg.init_from and not resuming:
+            start, _ = ckpt.load_run(self.cfg.init_from, kind="lm", flag="--init-from")
+            model.load_state_dict(start.state_dict())
+        return model
+
+    def train_loader(self, trainer: Trainer):
+        from gpt2lab.data import TokenLoader
+
+        cfg, dist = self.cfg, trainer.dist
+        vocab = trainer.model_config.vocab_size
+        loader = TokenLoader(cfg.data, "train", cfg.batch_size, trainer.seq_len, mode=cfg.data_order,
+                             seed=cfg.seed, rank=dist.rank, world_size=dist.world_size, device=trainer.device,
+                             vocab_size=vocab)
+        try:
+            val = TokenLoader(cfg.data, "val", cfg.batch_size, trainer.seq_len, mode="sequential", seed=0,
+                              rank=dist.rank, world_size=dist.world_size, device=trainer.device,
+                              vocab_size=vocab)
+        except UserError as e:
+            raise UserError(f"validation split: {e}") from None
+        self.val_batches = [val.next_batch() for _ in range(cfg.eval_batches)]
+        return loader
+
+    def loss(self, model, batch):
+        x, y = batch
+        return lm_loss(model(x), y), {}
+
+    def evaluate(self, trainer: Trainer, model) -> dict:
+        total = torch.zeros((), device=trainer.device)
+        for x, y in self.val_batches:
+            total += lm_loss(model(x), y)
+        total /= len(self.val_batches)
+        return {"val_loss": distributed.all_reduce_mean(total, trainer.dist).item()}
+
+    def sample(self, trainer: Trainer, model) -> str | None:
+        from gpt2lab.generate import generate
+
+        tok = self.tokenizer
+        if not trainer.cfg.sample_tokens or tok.eot_id is None:
+            return None
+        gen = torch.Generator(device=trainer.device).manual_seed(trainer.cfg.seed + trainer.step)
+        with trainer._autocast():
+            ids = generate(model, [tok.eot_id], trainer.cfg.sample_tokens, temperature=1.0, top_k=50,
+                           eot_id=tok.eot_id, generator=gen)
+        return tok.decode(ids)
+
+
+def run_task(cfg: LoopConfig, task: Task, given: dict | None = None) -> TrainResult:
+    """Set up the process group (under torchrun), train, tear down."""
     info = distributed.setup(cfg.device)
     try:
-        return Trainer(cfg, info).run()
+        return Trainer(cfg, task, info, given).run()
     finally:
         distributed.teardown(info)
+
+
+def pretrain(cfg: TrainConfig, given: dict | None = None) -> TrainResult:
+    return run_task(cfg, LMTask(cfg), given)

@@ -9,7 +9,9 @@ def cmd_prepare(args) -> int:
     from gpt2lab.data import prepare
 
     if not args.input and not args.hf_dataset:
-        raise ValueError("nothing to prepare: give input files with --input, or --hf-dataset NAME")
+        from gpt2lab.errors import UserError
+
+        raise UserError("nothing to prepare: give input files with --input, or --hf-dataset NAME")
     prepare(
         args.input or [],
         args.out,
@@ -39,7 +41,7 @@ def register(sub) -> None:
     d.add_argument("--tokenizer", default="gpt2", help="'gpt2' (default) or a tokenizer directory")
     d.add_argument("--val-fraction", type=fraction, default=0.005,
                    help="share of whole documents held out for validation (default 0.005)")
-    d.add_argument("--text-field", default="text", help="field holding the text in .jsonl / datasets")
+    d.add_argument("--text-field", default="text", help="field holding the text in .jsonl / datasets (default text)")
     d.add_argument("--doc-separator", default=None,
                    help="also split files into documents at this string (e.g. '\\n\\n\\n')")
     d.add_argument("--hf-dataset", default=None, metavar="NAME",
@@ -50,6 +52,7 @@ def register(sub) -> None:
                    help="tokeniser processes (default: the number of CPUs)")
     d.add_argument("--shard-tokens", type=positive_int, default=100_000_000,
                    help="tokens per shard file (default 100M)")
-    d.add_argument("--overwrite", action="store_true", help="replace an existing data directory")
+    d.add_argument("--overwrite", action="store_true", help="replace a data dir prepared earlier in --out "
+                   "(never another kind of directory, nor one that is, holds or lies inside an input)")
     d.add_argument("--quiet", action="store_true", help="no progress output")
     d.set_defaults(func=cmd_prepare)

@@ -26,6 +26,8 @@ def _task_list(text: str) -> list[str]:
 
 def _data_map(specs: list[str] | None, tasks: list[str]) -> dict[str, str]:
     """--data [TASK=]PATH, repeatable; a bare PATH belongs to the only task."""
+    from gpt2lab.errors import UserError
+
     out: dict[str, str] = {}
     for spec in specs or []:
         name, sep, rest = spec.partition("=")
@@ -34,47 +36,45 @@ def _data_map(specs: list[str] | None, tasks: list[str]) -> dict[str, str]:
         elif len(tasks) == 1:
             task, path = tasks[0], spec
         else:
-            raise ValueError(f"--data {spec}: with several tasks, say which one the data is for, e.g. "
-                             f"--data {tasks[0]}={spec}")
+            raise UserError(f"--data {spec}: with several tasks, say which one the data is for, e.g. "
+                            f"--data {tasks[0]}={spec}")
         if task in out:
-            raise ValueError(f"--data is given twice for task {task}; give one file or directory per task")
+            raise UserError(f"--data is given twice for task {task}; give one file or directory per task")
         if not glob.has_magic(path) and not Path(path).exists():  # before seconds of imports
-            raise ValueError(f"--data {path} for task {task} does not exist; check the path")
+            raise UserError(f"--data {path} for task {task} does not exist; check the path")
         out[task] = path
     return out
 
 
-def _write_jsonl(path: str, records: list[dict]) -> None:
-    import json
-    import os
-
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
 def cmd_eval(args) -> int:
-    from gpt2lab.checkpoint import write_json
+    from gpt2lab import io
+    from gpt2lab.errors import UserError
     from gpt2lab.evaluate import evaluate_run, format_table
 
     tasks = list(dict.fromkeys(t for group in args.task for t in group))
     data = _data_map(args.data, tasks)
     if "judge" in tasks and "judge" not in data:
-        raise ValueError("task judge needs --data FILE.json or .jsonl of Alpaca records "
-                         "{instruction, input, output}")
-    judge = {"url": args.judge_url, "judge_model": args.judge_model, "api_key": args.judge_api_key,
-             "max_new_tokens": args.max_new_tokens}
+        raise UserError("task judge needs --data FILE.json or .jsonl of Alpaca records "
+                        "{instruction, input, output}")
+    # the outputs are checked before the (long) evaluation starts
+    inputs = [args.run_dir, *data.values()]
+    if args.output:
+        io.check_output_file(args.output, "eval-json", flag="--output", inputs=inputs)
+    if args.predictions:
+        io.check_output_file(args.predictions, "eval-jsonl", flag="--predictions", inputs=inputs)
+    extra = {}
+    if "judge" in tasks:
+        from gpt2lab.judge import judge_task
+
+        extra["judge"] = judge_task(args.judge_url, args.judge_model, args.judge_api_key, args.max_new_tokens)
     results = evaluate_run(args.run_dir, tasks, data, limit=args.limit, batch_size=args.batch_size,
                            stride=args.stride, device=args.device, dtype=args.dtype, progress=not args.quiet,
-                           judge=judge)
+                           extra_tasks=extra)
     print(format_table(results), flush=True)
     if args.output:
-        write_json(args.output, [r.metrics for r in results])
+        io.write_json(args.output, [r.metrics for r in results])
     if args.predictions:
-        _write_jsonl(args.predictions, [rec for r in results for rec in r.records])
+        io.write_jsonl(args.predictions, [rec for r in results for rec in r.records])
     return 0
 
 
@@ -100,16 +100,20 @@ def register(sub) -> None:
     p.add_argument("--stride", type=positive_int, default=None,
                    help="loss: tokens between sliding windows (default half the context; the context "
                    "itself gives windows that do not overlap)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 autocast on a CUDA GPU")
-    p.add_argument("--output", metavar="FILE.json", help="write the metrics: a list of {task, n, ...}")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16 autocast (GPUs, and CPUs with AVX512-BF16 or AMX) (default fp32)")
+    p.add_argument("--output", metavar="FILE.json", help="write the metrics: a list of {task, n, ...} (an "
+                   "existing file is replaced only if it holds gpt2lab metrics)")
     p.add_argument("--predictions", metavar="FILE.jsonl",
-                   help="write one line per example: index, scores per choice, prediction, gold")
+                   help="write one line per example: index, scores per choice, prediction, gold (an existing "
+                   "file is replaced only if it holds gpt2lab predictions)")
     p.add_argument("--judge-url", default="http://localhost:11434",
                    help="judge: an OpenAI-compatible server (Ollama, vLLM, llama.cpp server, OpenAI) that "
-                   "scores each answer 0-100")
-    p.add_argument("--judge-model", default="llama3", help="judge: the model name the server knows")
-    p.add_argument("--judge-api-key", default=None, help="judge: API key (default $OPENAI_API_KEY, if set)")
+                   "scores each answer 0-100 (default http://localhost:11434)")
+    p.add_argument("--judge-model", default="llama3", help="judge: the model name the server knows (default llama3)")
+    p.add_argument("--judge-api-key", default=None, help="judge: the API key of that endpoint, sent only to it "
+                   "(default: none)")
     p.add_argument("--max-new-tokens", type=positive_int, default=128,
                    help="judge: tokens generated per answer (greedy, with the run's prompt template)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -2,61 +2,41 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
-from gpt2lab.cli import nonneg_int, positive_int
-
-
-def _number(text: str) -> float:
-    import argparse
-    import math
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if math.isnan(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number")
-    return value
+from gpt2lab.cli import finite_float, nonneg_int, positive_int, unescape
 
 
 def _temperature(text: str) -> float:
-    import argparse
-
-    value = _number(text)
-    if not 0 <= value < float("inf"):
+    value = finite_float(text)
+    if value < 0:
         raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0 (0 is greedy)")
     return value
 
 
 def _top_p(text: str) -> float:
-    import argparse
-
-    value = _number(text)
+    value = finite_float(text)
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"{text} must be in (0, 1]")
     return value
 
 
 def _load(args):
+    """(model, tokenizer, chat format) of the run dir, on the device and in the dtype asked for."""
     import torch
 
-    from gpt2lab.checkpoint import read_run_config
+    from gpt2lab.checkpoint import load_run, open_run
     from gpt2lab.distributed import resolve_device
     from gpt2lab.generate import check_settings
-    from gpt2lab.templates import get_template
+    from gpt2lab.templates import get_format
 
     check_settings(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     device = resolve_device(args.device)
-    if args.dtype == "bf16" and device.type == "cpu":
-        raise ValueError("--dtype bf16 is for GPUs; on the CPU use --dtype fp32")
-    from gpt2lab import load
-
-    model, tok = load(args.run_dir, device=device)
-    if args.dtype == "bf16":
+    model, tok = load_run(args.run_dir, device=device, kind="lm")
+    if args.dtype == "bf16":  # fast on GPUs, and on CPUs with AVX512-BF16 or AMX
         model = model.to(torch.bfloat16)
-    template = get_template(read_run_config(args.run_dir).get("template"))
-    return model, tok, template
+    return model, tok, get_format(open_run(args.run_dir).template)
 
 
 def _write(text: str) -> None:
@@ -64,62 +44,97 @@ def _write(text: str) -> None:
     sys.stdout.flush()
 
 
-def _continue(model, tok, prompt: str, args, seed, stop=()) -> str:
-    from gpt2lab.generate import stream_text
+def _answer(model, tok, prompt, args, seed, stop=()) -> str:
+    from gpt2lab.generate import stream_answer
 
     out = []
-    for piece in stream_text(model, tok, prompt, args.max_new_tokens, args.temperature, args.top_k,
-                             args.top_p, seed, stop=stop, use_cache=not args.no_cache):
+    for piece in stream_answer(model, tok, prompt, args.max_new_tokens, args.temperature, args.top_k,
+                               args.top_p, seed, stop=stop, use_cache=not args.no_cache):
         _write(piece)
         out.append(piece)
     return "".join(out)
 
 
 def cmd_generate(args) -> int:
-    from gpt2lab.sources import read_text
+    from gpt2lab import io
+    from gpt2lab.errors import UserError
+    from gpt2lab.templates import PLAIN, encode_messages
 
     if args.prompt is not None and args.prompt_file is not None:
-        raise ValueError("give the prompt with --prompt or --prompt-file, not both")
-    prompt = read_text(args.prompt_file) if args.prompt_file else (args.prompt or "")
-    model, tok, template = _load(args)
+        raise UserError("give the prompt with --prompt or --prompt-file, not both")
+    prompt = io.read_text(args.prompt_file, "prompt file") if args.prompt_file else unescape(args.prompt or "")
+    model, tok, fmt = _load(args)
     stop = list(args.stop or [])
-    if template is not None and not args.raw:
-        prompt, stop = template.render(prompt), stop + list(template.stop)
+    chat = fmt is not PLAIN and not args.raw
+    if chat:  # an instruction-tuned model: the prompt is the user's message
+        ids, _ = encode_messages(tok, [{"role": "user", "content": prompt}], fmt, add_generation_prompt=True)
+        stop += list(fmt.stop)
     for i in range(args.num_samples):
         if args.num_samples > 1:
             _write(f"--- sample {i + 1} ---\n")
-        if template is None or args.raw:
+        if not chat:
             _write(prompt)
         seed = None if args.seed is None else args.seed + i
-        _continue(model, tok, prompt, args, seed, stop)
+        _answer(model, tok, ids if chat else prompt, args, seed, stop)
         _write("\n")
     return 0
 
 
-def cmd_chat(args) -> int:
-    model, tok, template = _load(args)
-    seed = args.seed
+class Conversation:
+    """The turns of a chat, rendered in the run's chat format; the oldest turns are dropped when the prompt
+    and the answer would not fit in the context."""
 
-    def answer(history: str, text: str) -> str:
-        if template is not None:
-            reply = _continue(model, tok, template.render(text), args, seed, template.stop)
-        else:  # a base model continues the running text
-            reply = _continue(model, tok, history + text, args, seed)
+    def __init__(self, tokenizer, fmt, block_size: int, max_new_tokens: int):
+        self.tokenizer, self.fmt = tokenizer, fmt
+        self.room = max(1, block_size - min(max_new_tokens, block_size // 2))
+        self.messages: list[dict] = []
+
+    def clear(self) -> None:
+        self.messages = []
+
+    def prompt(self, text: str) -> list[int]:
+        """The prompt ids for the user's next message (earlier turns kept while they fit)."""
+        from gpt2lab.templates import encode_messages
+
+        turns = self.messages + [{"role": "user", "content": text}]
+        while True:
+            ids, _ = encode_messages(self.tokenizer, turns, self.fmt, add_generation_prompt=True)
+            if len(ids) <= self.room or len(turns) == 1:
+                return ids  # a single message longer than the context keeps its end (generate does that)
+            turns = turns[2:]  # drop the oldest exchange
+            self.messages = turns[:-1]
+
+    def add(self, text: str, reply: str) -> None:
+        from gpt2lab.templates import PLAIN
+
+        # a base model's running text: keep the line break the terminal showed after the reply
+        self.messages += [{"role": "user", "content": text},
+                          {"role": "assistant", "content": reply + ("\n" if self.fmt is PLAIN else "")}]
+
+
+def cmd_chat(args) -> int:
+    from gpt2lab.templates import PLAIN
+
+    model, tok, fmt = _load(args)
+    conv = Conversation(tok, fmt, model.config.block_size, args.max_new_tokens)
+
+    def answer(text: str) -> str:
+        reply = _answer(model, tok, conv.prompt(text), args, args.seed, fmt.stop)
         _write("\n")
+        conv.add(text, reply)
         return reply
 
     if args.p is not None:
-        answer("", args.p)
+        answer(unescape(args.p))
         return 0
 
     try:
         import readline  # noqa: F401 - line editing and history for input()
     except ImportError:
         pass
-    kind = (f"instruction model ({template.name} template)" if template
-            else "base model: it continues your text")
+    kind = (f"instruction model ({fmt.name} format): it answers, and remembers the conversation"
+            if fmt is not PLAIN else "base model: it continues your text")
     print(f"gpt2lab chat with {args.run_dir}, a {kind}. /clear forgets, /quit or Ctrl-D leaves.")
-    history = ""
     while True:
         try:
             text = input("> ")
@@ -129,42 +144,51 @@ def cmd_chat(args) -> int:
         if text.strip() == "/quit":
             return 0
         if text.strip() == "/clear":
-            history = ""
+            conv.clear()
             print("(history cleared)")
             continue
         if not text.strip():
             continue
-        reply = answer(history, text)
-        history = history + text + reply + "\n" if template is None else ""
+        try:
+            answer(text)
+        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the session
+            _write("\n(stopped)\n")
 
 
 def _common(p) -> None:
     p.add_argument("run_dir", help="a run directory (trained, fine-tuned or imported)")
     p.add_argument("--max-new-tokens", type=nonneg_int, default=200, help="tokens to generate (default 200)")
     p.add_argument("--temperature", type=_temperature, default=0.8, help="0 is greedy (default 0.8)")
-    p.add_argument("--top-k", type=positive_int, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--top-k", type=positive_int, default=None,
+                   help="sample among the k most likely tokens (default: all)")
     p.add_argument("--top-p", type=_top_p, default=None,
-                   help="sample from the smallest set of tokens holding p of the probability")
-    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 on a GPU")
+                   help="sample from the smallest set of tokens holding p of the probability (default 1: all)")
+    p.add_argument("--seed", type=nonneg_int, default=None, help="seed for reproducible sampling (default: random)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="fp32, or bf16: half the memory traffic, fast on GPUs and on CPUs with AVX512-BF16 or "
+                   "AMX (default fp32)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context each step")
 
 
 def register(sub) -> None:
     g = sub.add_parser("generate", help="continue a prompt, streaming the text",
-                       description="Generate text from a run dir, streaming it to stdout.")
+                       description="Generate text from a run dir, streaming it to stdout. An instruction-tuned "
+                       "run answers the prompt in its chat format (--raw: continue it as plain text).")
     _common(g)
-    g.add_argument("--prompt", default=None, help="the text to continue (default: start a new document)")
+    g.add_argument("--prompt", default=None, help="the text to continue; \\n and \\t are a newline and a tab "
+                   "(default: start a new document)")
     g.add_argument("--prompt-file", default=None, help="read the prompt from this file")
-    g.add_argument("--num-samples", type=positive_int, default=1, help="how many continuations")
+    g.add_argument("--num-samples", type=positive_int, default=1, help="how many continuations (default 1)")
     g.add_argument("--stop", action="append", help="stop at this text (repeatable)")
-    g.add_argument("--raw", action="store_true", help="ignore the run's prompt template")
+    g.add_argument("--raw", action="store_true", help="ignore the run's chat format")
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="talk to a model in the terminal",
                        description="Interactive session: /clear forgets the history, /quit or Ctrl-D "
-                       "leaves. A base model continues your text; an instruction-tuned one answers.")
+                       "leaves, Ctrl-C stops an answer. A base model continues your text; an instruction-tuned "
+                       "one answers and keeps the conversation (the oldest turns go when the context fills).")
     _common(c)
-    c.add_argument("-p", default=None, metavar="TEXT", help="answer this once and exit")
+    c.add_argument("-p", default=None, metavar="TEXT", help="answer this once and exit; \\n and \\t are a "
+                   "newline and a tab")
     c.set_defaults(func=cmd_chat)

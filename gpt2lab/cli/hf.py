@@ -19,7 +19,7 @@ def cmd_export(args) -> int:
 
     out = export_hf(args.run_dir, args.out, overwrite=args.overwrite)
     print(f"exported {args.run_dir} to {out}; load it with "
-          f"transformers.GPT2LMHeadModel.from_pretrained({str(out)!r})")
+          f"transformers.AutoModel.from_pretrained({str(out)!r}) (or the class its config.json names)")
     return 0
 
 
@@ -31,14 +31,17 @@ def register(sub) -> None:
                        f"machine is online, a hub id ({HUB_NAMES}, or owner/name).")
     i.add_argument("src", metavar="SRC", help="a Hugging Face GPT-2 directory or hub id")
     i.add_argument("--out", required=True, metavar="RUN_DIR", help="the run directory to write")
-    i.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    i.add_argument("--overwrite", action="store_true", help="replace a run dir in --out (one that import-hf or "
+                   "training wrote; never the source)")
     i.set_defaults(func=cmd_import)
 
     e = sub.add_parser("export-hf", help="run dir -> Hugging Face GPT-2 directory",
                        description="Write a run directory as a Hugging Face GPT-2 directory that "
                        "transformers (GPT2LMHeadModel, AutoTokenizer), vLLM and lm-evaluation-harness "
-                       "load. A padded vocabulary is trimmed; a model without biases gets zero biases.")
+                       "load. A padded vocabulary is trimmed; a model without biases gets zero biases; a LoRA run is "
+                       "exported with its adapters merged; a classifier as GPT2ForSequenceClassification.")
     e.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (trained, fine-tuned or imported)")
     e.add_argument("--out", required=True, metavar="DIR", help="the directory to write")
-    e.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    e.add_argument("--overwrite", action="store_true", help="replace an export made earlier in --out (never "
+                   "another kind of directory, nor the run)")
     e.set_defaults(func=cmd_export)

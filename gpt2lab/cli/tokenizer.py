@@ -41,7 +41,9 @@ def cmd_tokenizer_decode(args) -> int:
     try:
         ids = [int(x) for x in args.ids.replace(",", " ").replace("[", " ").replace("]", " ").split()]
     except ValueError:
-        raise ValueError(f"--ids must be integers separated by spaces or commas, got {args.ids!r}") from None
+        from gpt2lab.errors import UserError
+
+        raise UserError(f"--ids must be integers separated by spaces or commas, got {args.ids!r}") from None
     sys.stdout.write(tok.decode(ids) + "\n")
     return 0
 
@@ -59,13 +61,15 @@ def register(sub) -> None:
     t.add_argument("--input", nargs="+", required=True, metavar="PATH",
                    help="text files (.txt, .gz, .jsonl), directories or globs")
     t.add_argument("--vocab-size", type=positive_int, required=True,
-                   help="size of the vocabulary, the 256 bytes and <|endoftext|> included")
+                   help="size of the vocabulary, the 256 bytes and <|endoftext|> included (training stops "
+                   "earlier, with a smaller vocabulary, when no pair of tokens occurs twice any more)")
     t.add_argument("--out", required=True, help="directory to write tokenizer.json into")
     t.add_argument("--name", default=None, help="a name recorded in the tokenizer (default: the out dir's)")
     t.add_argument("--text-field", default="text", help="field holding the text in .jsonl inputs")
     t.add_argument("--max-chars", type=positive_int, default=None,
                    help="train on at most this many characters of the input")
-    t.add_argument("--overwrite", action="store_true", help="replace an existing tokenizer in --out")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace a tokenizer dir trained earlier in --out (never another kind of directory)")
     t.add_argument("--quiet", action="store_true", help="no progress output")
     t.set_defaults(func=cmd_tokenizer_train)
 

@@ -19,8 +19,6 @@ accuracy on the checkable tasks, and how often greedy decoding stops cleanly
 
 from __future__ import annotations
 
-import gzip
-import json
 import math
 import os
 import random
@@ -74,44 +72,68 @@ def synthetic_tasks(n: int, seed: int = 0) -> list[dict]:
 
 
 def qa_records(source: str | os.PathLike) -> list[dict]:
-    """Instruction records from the Q/A files of a folder like shared/data/instruction."""
+    """Instruction records from the Q/A files of a folder: chatterbot/*.yml, gsm8k_test.jsonl.gz,
+    squad_val_1000.jsonl.gz (the layout of the offline Q/A collection the README names)."""
     import yaml
+
+    from gpt2lab import io
 
     source = Path(source)
     if not source.is_dir():
-        raise UserError(f"{source} is not a directory of Q/A material; pass --source DIR")
+        raise UserError(f"--source {source} is not a directory of Q/A material; pass a folder holding "
+                        "chatterbot/*.yml, gsm8k_test.jsonl.gz or squad_val_1000.jsonl.gz")
     out: list[dict] = []
     for path in sorted((source / "chatterbot").glob("*.yml")):
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        for conv in data.get("conversations", []):
-            if len(conv) >= 2 and all(isinstance(t, str) for t in conv[:2]):
+        try:
+            data = yaml.safe_load(io.read_text(path, "YAML file")) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
+        convs = data.get("conversations", []) if isinstance(data, dict) else []
+        for conv in convs if isinstance(convs, list) else []:
+            if isinstance(conv, list) and len(conv) >= 2 and all(isinstance(t, str) for t in conv[:2]):
                 out.append({"instruction": conv[0].strip(), "output": conv[1].strip(), "task": "chatterbot"})
     gsm = source / "gsm8k_test.jsonl.gz"
     if gsm.exists():
-        with gzip.open(gsm, "rt", encoding="utf-8") as f:
-            for line in f:
-                r = json.loads(line)
-                answer = r["answer"].split("####")[-1].strip()
-                out.append({"instruction": r["question"].strip(), "output": answer, "task": "gsm8k"})
+        for lineno, r in io.read_jsonl(gsm, "GSM8K file"):
+            if not isinstance(r.get("question"), str) or not isinstance(r.get("answer"), str):
+                raise UserError(f"{gsm}:{lineno} is not a GSM8K record (text `question` and `answer`)")
+            answer = r["answer"].split("####")[-1].strip()
+            out.append({"instruction": r["question"].strip(), "output": answer, "task": "gsm8k"})
     squad = source / "squad_val_1000.jsonl.gz"
     if squad.exists():
-        with gzip.open(squad, "rt", encoding="utf-8") as f:
-            for line in f:
-                r = json.loads(line)
-                query = r["query"].split("\nBackground: ", 1)[-1]
-                passage, _, question = query.partition("\nQuestion: ")
-                question = question.split("\nAnswer:")[0].strip()
-                out.append({"instruction": "Answer the question about the passage in a few words.",
-                            "input": f"{passage.strip()}\n\nQuestion: {question}",
-                            "output": r["answers_text"][0].strip(), "task": "squad"})
+        for lineno, r in io.read_jsonl(squad, "SQuAD file"):
+            answers = r.get("answers_text")
+            if not isinstance(r.get("query"), str) or not isinstance(answers, list) or not answers \
+                    or not isinstance(answers[0], str):
+                raise UserError(f"{squad}:{lineno} is not a SQuAD record (text `query`, list `answers_text`)")
+            query = r["query"].split("\nBackground: ", 1)[-1]
+            passage, _, question = query.partition("\nQuestion: ")
+            question = question.split("\nAnswer:")[0].strip()
+            out.append({"instruction": "Answer the question about the passage in a few words.",
+                        "input": f"{passage.strip()}\n\nQuestion: {question}",
+                        "output": answers[0].strip(), "task": "squad"})
     if not out:
         raise UserError(f"{source} holds no chatterbot/*.yml, gsm8k_test.jsonl.gz or squad_val_1000.jsonl.gz")
     return out
 
 
 def build_instruction_set(out_dir: str | os.PathLike, source: str | os.PathLike | None = None,
-                          synthetic: int = 4000, heldout_fraction: float = 0.1, seed: int = 0) -> dict:
-    """Write train.jsonl and heldout.jsonl; return their sizes per task."""
+                          synthetic: int = 4000, heldout_fraction: float = 0.1, seed: int = 0,
+                          overwrite: bool = False) -> dict:
+    """Write train.jsonl and heldout.jsonl (and instructions.json, which describes them) into a new
+    directory; return their sizes per task."""
+    from gpt2lab import io
+
+    if isinstance(synthetic, bool) or not isinstance(synthetic, int) or synthetic < 0:
+        raise UserError(f"--synthetic must be an integer >= 0, got {synthetic!r}")
+    if not 0 < heldout_fraction < 1:
+        raise UserError(f"--heldout-fraction must be in (0, 1), got {heldout_fraction}")
+    if synthetic == 0 and source is None:
+        raise UserError("nothing to build: --synthetic 0 and no --source; ask for generated records or give "
+                        "Q/A material")
+    out = Path(out_dir)
+    io.check_output_dir(out, "instructions", overwrite=overwrite, flag="--out",
+                        inputs=[source] if source is not None else [])
     records = synthetic_tasks(synthetic, seed)
     if source is not None:
         records += qa_records(source)
@@ -122,21 +144,24 @@ def build_instruction_set(out_dir: str | os.PathLike, source: str | os.PathLike 
             seen.add(key)
             unique.append(r)
     records = unique
+    if len(records) < 2:
+        raise UserError(f"only {len(records)} distinct record(s): too few to split into train and held-out")
     rng = random.Random(seed)
     rng.shuffle(records)
     n_held = max(1, int(len(records) * heldout_fraction))
     held, train = records[:n_held], records[n_held:]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("train.jsonl", train), ("heldout.jsonl", held)):
-        tmp = out / f".{name}.tmp-{os.getpid()}"
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-        os.replace(tmp, out / name)
     counts = {}
     for split, rows in (("train", train), ("heldout", held)):
         for r in rows:
             counts.setdefault(split, {}).setdefault(r["task"], 0)
             counts[split][r["task"]] += 1
+    with io.staging(out) as tmp:
+        io.write_jsonl(tmp / "train.jsonl", train)
+        io.write_jsonl(tmp / "heldout.jsonl", held)
+        io.write_json(tmp / io.INSTRUCTIONS_MARKER, {"format": "gpt2lab-instructions", "synthetic": synthetic,
+                                                     "source": str(source) if source else None, "seed": seed,
+                                                     "heldout_fraction": heldout_fraction, "counts": counts})
+        io.publish(tmp, out)
     return counts
 
 
@@ -144,13 +169,15 @@ CHECKABLE = ("add", "reverse", "count", "replace")
 
 
 @torch.no_grad()
-def score_sft(model, tokenizer, records: list[dict], template, max_new_tokens: int = 32,
+def score_sft(model, tokenizer, records: list[dict], fmt="alpaca", max_new_tokens: int = 32,
               limit: int | None = None) -> dict:
     """Response loss, exact match on checkable tasks, clean-stop rate; per task and overall."""
     from gpt2lab.finetune.sft import collate, encode_record
-    from gpt2lab.generate import generate
+    from gpt2lab.generate import stream
+    from gpt2lab.templates import encode_messages, get_format, record_messages
     from gpt2lab.train import lm_loss
 
+    fmt = get_format(fmt) if not hasattr(fmt, "segments") else fmt
     model.eval()
     device = next(model.parameters()).device
     records = records[:limit] if limit else records
@@ -160,19 +187,19 @@ def score_sft(model, tokenizer, records: list[dict], template, max_new_tokens: i
         s = stats.setdefault(r.get("task", "other"),
                              {"n": 0, "scored": 0, "loss": 0.0, "correct": 0, "clean": 0})
         s["n"] += 1
-        enc = encode_record(r, template, tokenizer, block - 1)
+        enc = encode_record(r, fmt, tokenizer, block - 1)
         if enc is not None:  # an answer that does not fit in the context has no loss
             x, y = collate([enc], tokenizer.eot_id, device)
             s["loss"] += lm_loss(model(x), y).item()
             s["scored"] += 1
-        prompt = tokenizer.encode(template.render(r["instruction"], r.get("input", "") or ""))[-(block - 1):]
+        messages = [m for m in record_messages(r) if m["role"] != "assistant"]
+        prompt = encode_messages(tokenizer, messages, fmt, add_generation_prompt=True)[0][-(block - 1):]
         room = min(max_new_tokens, block - len(prompt))
-        ids = generate(model, prompt, room, temperature=0, eot_id=None)
-        stop_at = len(ids)
-        if tokenizer.eot_id in ids:
-            stop_at = ids.index(tokenizer.eot_id)
+        # greedy, to the token limit, so that a clean stop (eot or the format's stop text) can be seen
+        ids = list(stream(model, prompt, room, temperature=0))
+        stop_at = ids.index(tokenizer.eot_id) if tokenizer.eot_id in ids else len(ids)
         text = tokenizer.decode(ids[:stop_at])
-        cut = min([text.find(t) for t in template.stop if t in text], default=-1)
+        cut = min([text.find(t) for t in fmt.stop if t in text], default=-1)
         if cut >= 0:
             text = text[:cut]
         s["clean"] += stop_at < len(ids) or cut >= 0

@@ -17,12 +17,12 @@ save with the ordinary run-dir functions, the adapters on their own.
 
 A run dir trained with LoRA holds
 
-    model.safetensors   the base weights, unchanged (plus a classifier head, for `task: classify`)
+    model.safetensors   the base weights, unchanged (plus a classifier head, for a classifier)
     lora.safetensors    the adapters alone (the lora_A / lora_B tensors)
     config.json         ... "lora": {"rank", "alpha", "dropout", "targets"}
 
-`load_lora_run` rebuilds such a model; `gpt2lab merge-lora` folds the adapters in
-and writes an ordinary run dir.
+`gpt2lab.checkpoint.load_run` rebuilds such a model (merged by default); `gpt2lab merge-lora`
+writes an ordinary run dir with the adapters folded in.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -38,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gpt2lab import checkpoint as ckpt
+from gpt2lab import io
 from gpt2lab.errors import UserError
 
 LORA_FILE = "lora.safetensors"
@@ -126,13 +125,14 @@ def _short_names(names: Iterable[str]) -> list[str]:
 
 
 def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
-               targets: Iterable[str] = DEFAULT_TARGETS) -> nn.Module:
+               targets: Iterable[str] = DEFAULT_TARGETS, freeze: bool = True) -> nn.Module:
     """Replace the targeted nn.Linear layers by LoRALinear in place and freeze everything else.
 
     A target matches a layer whose name ends with it ("c_proj" is both attn.c_proj
     and mlp.c_proj; "mlp.c_proj" only the MLP's) or a module holding it ("attn",
     "mlp", "h.11"). Afterwards only the lora_A / lora_B parameters have
-    requires_grad; unfreeze a head yourself if it should train too.
+    requires_grad (`freeze=False` leaves requires_grad as it was); unfreeze a head yourself if it
+    should train too.
     """
     targets = tuple(targets)
     if not targets:
@@ -148,8 +148,9 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
     if unmatched:
         raise UserError(f"LoRA target(s) {unmatched} match no linear layer; the model has "
                         f"{', '.join(_short_names(linear_names(model)))} (or use attn, mlp, h.N)")
-    for p in model.parameters():
-        p.requires_grad_(False)
+    if freeze:
+        for p in model.parameters():
+            p.requires_grad_(False)
     for name, module in chosen.items():
         parent_name, _, child = name.rpartition(".")
         parent = root.get_submodule(parent_name) if parent_name else root
@@ -179,10 +180,10 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if k.endswith((".lora_A", ".lora_B"))}
 
 
-def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Everything but the adapters (and the tied LM head): what model.safetensors holds."""
-    return {k: v for k, v in model.state_dict().items()
-            if not k.endswith((".lora_A", ".lora_B")) and k not in ckpt.TIED}
+def freeze_all_but_adapters(model: nn.Module) -> None:
+    """Only the lora_A / lora_B parameters keep requires_grad."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.endswith((".lora_A", ".lora_B")))
 
 
 def count_trainable(model: nn.Module) -> int:
@@ -198,13 +199,13 @@ def save_lora(model: nn.Module, path: str | os.PathLike) -> None:
     if not tensors:
         raise ValueError("the model has no LoRA adapters to save; call apply_lora first")
     settings = getattr(model, "lora_settings", None)
-    ckpt.save_tensors(tensors, path, {"lora": json.dumps(settings)} if settings else None)
+    io.save_tensors(tensors, path, {"lora": json.dumps(settings)} if settings else None)
 
 
 def load_lora(model: nn.Module, path: str | os.PathLike) -> None:
     """Load adapters saved by `save_lora` into a model that `apply_lora` prepared the same way."""
     path = Path(path)
-    state = ckpt.read_tensors(path, f"a LoRA run dir holds its adapters in {LORA_FILE}")
+    state = io.read_tensors(path, f"a LoRA run dir holds its adapters in {path.name}")
     expected = lora_state_dict(model)
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -215,93 +216,3 @@ def load_lora(model: nn.Module, path: str | os.PathLike) -> None:
             raise UserError(f"{path}: adapter {k} has shape {tuple(state[k].shape)}, the model expects "
                             f"{tuple(v.shape)}; the rank in config.json differs from the file's")
     model.load_state_dict(state, strict=False)
-
-
-def save_lora_run_weights(model: nn.Module, run_dir: str | os.PathLike) -> None:
-    """model.safetensors (the base, and any head) plus lora.safetensors (the adapters)."""
-    run_dir = Path(run_dir)
-    ckpt.save_tensors(base_state_dict(model), run_dir / ckpt.WEIGHTS_FILE)
-    save_lora(model, run_dir / LORA_FILE)
-
-
-def check_lora_config(settings) -> dict:
-    """The "lora" entry of config.json, validated."""
-    try:
-        rank, alpha = settings["rank"], float(settings["alpha"])
-        dropout, targets = float(settings.get("dropout", 0.0)), list(settings["targets"])
-        if not isinstance(rank, int) or rank < 1 or not targets:
-            raise ValueError("rank must be a positive integer and targets non-empty")
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"the \"lora\" entry of config.json is malformed ({e}); expected "
-                        "{rank, alpha, dropout, targets}") from None
-    return {"rank": rank, "alpha": alpha, "dropout": dropout, "targets": targets}
-
-
-# ------------------------------------------------------------------------ run dirs
-
-
-def build_run_model(cfg: dict, run_dir: Path) -> nn.Module:
-    """The empty model a run config describes: a GPT, or a GPTClassifier for task "classify"."""
-    from gpt2lab.model import GPT, GPTConfig
-
-    try:
-        model_config = GPTConfig.from_dict(cfg["model"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{run_dir / ckpt.CONFIG_FILE} has an invalid model config ({e})") from None
-    if cfg.get("task") == "classify":
-        from gpt2lab.finetune.classify import GPTClassifier, check_head
-
-        return GPTClassifier(model_config, len(check_head(cfg, run_dir)))
-    return GPT(model_config)
-
-
-def load_lora_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", merge: bool = False,
-                  fast_tokenizer: bool = True):
-    """(model, tokenizer) of any run dir, with or without adapters, LM or classifier.
-
-    With "lora" in config.json, the base weights come from model.safetensors and
-    the adapters from lora.safetensors; `merge=True` folds them in. As after
-    `apply_lora`, only the adapters of an unmerged model have requires_grad; any
-    other model comes back with every parameter trainable, as `checkpoint.load_run`
-    returns it.
-    """
-    from gpt2lab.tokenizer import load_tokenizer_file
-
-    run_dir = Path(run_dir)
-    cfg = ckpt.read_run_config(run_dir)
-    model = build_run_model(cfg, run_dir)
-    tokenizer = load_tokenizer_file(run_dir / ckpt.TOKENIZER_FILE, fast=fast_tokenizer)
-    ckpt.load_weights(model, run_dir / ckpt.WEIGHTS_FILE)
-    if cfg.get("lora"):
-        settings = check_lora_config(cfg["lora"])
-        apply_lora(model, settings["rank"], settings["alpha"], settings["dropout"], settings["targets"])
-        load_lora(model, run_dir / LORA_FILE)
-        if merge:
-            merge_lora(model)
-            for p in model.parameters():
-                p.requires_grad_(True)
-    return model.to(device).eval(), tokenizer
-
-
-def merge_lora_run(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Write `out`: the run in `run_dir` with its adapters folded in, an ordinary run dir."""
-    run_dir, out = Path(run_dir), Path(out)
-    cfg = ckpt.read_run_config(run_dir)
-    if not cfg.get("lora"):
-        raise UserError(f"{run_dir} has no LoRA adapters (no \"lora\" entry in config.json); "
-                        "it is already an ordinary run dir")
-    if out.resolve() == run_dir.resolve():
-        raise UserError(f"--out {out} is the run dir itself; write the merged run to a new directory")
-    if (out / ckpt.CONFIG_FILE).exists():
-        raise UserError(f"{out} already holds a run; choose another --out or delete it")
-    model, _ = load_lora_run(run_dir, merge=True)
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(run_dir / ckpt.TOKENIZER_FILE, out / ckpt.TOKENIZER_FILE)
-    for extra in ("results.json",):
-        if (run_dir / extra).is_file():
-            shutil.copyfile(run_dir / extra, out / extra)
-    ckpt.save_tensors(base_state_dict(model), out / ckpt.WEIGHTS_FILE)
-    merged = {k: v for k, v in cfg.items() if k != "lora"}
-    merged["merged_lora"] = {"from": str(run_dir.resolve()), **cfg["lora"]}
-    ckpt.write_json(out / ckpt.CONFIG_FILE, merged)  # last: the run dir is complete once it exists
-    return out

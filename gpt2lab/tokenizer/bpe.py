@@ -200,7 +200,7 @@ class BPETokenizer:
         allowed = set(allowed_special)
         unknown = allowed - set(self.special_tokens)
         if unknown:
-            raise ValueError(f"unknown special tokens {sorted(unknown)}; this tokenizer has "
+            raise UserError(f"unknown special tokens {sorted(unknown)}; this tokenizer has "
                              f"{sorted(self.special_tokens)}")
         return allowed
 
@@ -210,7 +210,7 @@ class BPETokenizer:
         try:
             return b"".join(self.id_to_bytes[int(i)] for i in ids)
         except KeyError as e:
-            raise ValueError(f"token id {e.args[0]} is not in the vocabulary "
+            raise UserError(f"token id {e.args[0]} is not in the vocabulary "
                              f"(valid ids are 0..{self.vocab_size - 1})") from None
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -250,12 +250,12 @@ class BPETokenizer:
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write `tokenizer.json` into `directory` (atomically)."""
+        from gpt2lab import io
+
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / TOKENIZER_FILE
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_dict(), ensure_ascii=False), encoding="utf-8")
-        os.replace(tmp, path)
+        io.write_text(path, json.dumps(self.to_dict(), ensure_ascii=False))
         return path
 
     @classmethod

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 
 import tiktoken
 
+from gpt2lab.errors import UserError
 from gpt2lab.tokenizer.bpe import BPETokenizer
 
 
@@ -70,7 +71,7 @@ class FastTokenizer:
         ids = [int(i) for i in ids]
         bad = [i for i in ids if i not in self.slow.id_to_bytes]
         if bad:
-            raise ValueError(f"token id {bad[0]} is not in the vocabulary "
+            raise UserError(f"token id {bad[0]} is not in the vocabulary "
                              f"(valid ids are 0..{self.vocab_size - 1})")
         return self.enc.decode_bytes(ids)
 

@@ -34,7 +34,7 @@ import regex
 
 from gpt2lab.errors import UserError
 from gpt2lab.sources import ReadStats, expand_inputs, iter_pieces
-from gpt2lab.tokenizer.bpe import EOT, GPT2_PATTERN, TOKENIZER_FILE, BPETokenizer, bytes_to_token
+from gpt2lab.tokenizer.bpe import EOT, GPT2_PATTERN, BPETokenizer, bytes_to_token
 
 MIN_VOCAB = 257  # the 256 single bytes and <|endoftext|>
 MAX_VOCAB = 1 << 20
@@ -129,9 +129,9 @@ def _learn_merges(word_counts: Counter, n_merges: int, stats: TrainStats,
 
     bar = None
     if progress and n_merges > 0:
-        from tqdm import tqdm
+        from gpt2lab.metrics import progress as progress_bar
 
-        bar = tqdm(total=n_merges, desc="merges", unit="merge", mininterval=0.5, leave=False)
+        bar = progress_bar(total=n_merges, desc="merges", unit="merge", mininterval=0.5, leave=False)
     try:
         while len(merges) < n_merges:
             if not heap:
@@ -269,9 +269,9 @@ def train_bpe(inputs: list[str], vocab_size: int, *, name: str = "custom", text_
 
 
 def _chars_bar(texts: Iterable[str], total: int | None) -> Iterator[str]:
-    from tqdm import tqdm
+    from gpt2lab.metrics import progress as progress_bar
 
-    with tqdm(total=total, desc="reading", unit="char", unit_scale=True, mininterval=0.5,
+    with progress_bar(total=total, desc="reading", unit="char", unit_scale=True, mininterval=0.5,
               leave=False) as bar:
         for t in texts:
             yield t
@@ -284,11 +284,9 @@ def train_bpe_to_dir(inputs: list[str], out: str | os.PathLike, *, vocab_size: i
     """Train, then write `out/tokenizer.json` and print a one-line summary."""
     check_vocab_size(vocab_size)
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out} exists and is not a directory; choose another --out")
-    target = out / TOKENIZER_FILE
-    if target.exists() and not overwrite:
-        raise UserError(f"{target} already exists; pass --overwrite to replace it, or choose another --out")
+    from gpt2lab import io
+
+    io.check_output_dir(out, "tokenizer", overwrite=overwrite, flag="--out", inputs=list(inputs))
     if name is None:
         name = out.resolve().name or "custom"
     tok = train_bpe(inputs, vocab_size, name=name, text_field=text_field, max_chars=max_chars,
