@@ -17,6 +17,17 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+def cpu_features() -> str:
+    """The CPU's bf16 matrix features (what makes bf16 fast on a CPU), from /proc/cpuinfo."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), [])
+    except OSError:
+        return "unknown"
+    found = [f for f in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+    return ", ".join(found) or "no AVX-512 / AMX"
+
+
 def hf_twin(model):
     """transformers' GPT2LMHeadModel (sdpa attention, no dropout) holding `model`'s weights."""
     import transformers

@@ -6,8 +6,15 @@ the four Conv1D transposes), decode the same prompts greedily for exactly
 measurement is the best of `--repeat` runs; the implementations take turns
 within a repeat, so a burst of load from elsewhere hurts them alike. The time
 covers the whole call: prefill of the prompt, then one step per new token.
+gpt2lab decodes through its model's one forward (no second copy of the math).
+
+`--bf16` adds gpt2lab with the model cast to bfloat16 (`gpt2lab generate --dtype bf16`):
+half the bytes of weights to stream per step, and fast bf16 matmuls on CPUs with
+AVX512-BF16 or AMX. Its tokens are compared with the fp32 ones (bf16 rounding can
+change a near-tie).
 
     python bench/generate.py                                  # gpt2, batch 1 and 8, 200 tokens, CPU
+    python bench/generate.py --threads 1 --bf16               # also bf16
     python bench/generate.py --batch-sizes 1 --new-tokens 50 --skip-hf
     python bench/generate.py --device cuda --json bench/generate.json
 """
@@ -23,12 +30,11 @@ import time
 
 import torch
 
-import gpt2lab.generate as gen
 from gpt2lab.generate import generate, generate_batch
 from gpt2lab.model import GPT, GPTConfig
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import cpu_name, hf_twin  # noqa: E402
+from common import cpu_features, cpu_name, hf_twin  # noqa: E402
 
 
 def machine(device: torch.device) -> str:
@@ -39,7 +45,8 @@ def machine(device: torch.device) -> str:
         return f"{torch.cuda.get_device_name(device)}, {versions}"
     cpu = cpu_name()
     threads = torch.get_num_threads()
-    return f"{cpu}, {os.cpu_count()} cores, {versions}, {threads} thread{'s' if threads > 1 else ''}"
+    return (f"{cpu} ({cpu_features()}), {os.cpu_count()} cores, {versions}, "
+            f"{threads} thread{'s' if threads > 1 else ''}")
 
 
 def hf_twin_for_generate(model: GPT):
@@ -48,8 +55,7 @@ def hf_twin_for_generate(model: GPT):
     return hf.to(next(model.parameters()).device)
 
 
-def ours(model: GPT, prompts: torch.Tensor, n: int, use_cache: bool, step: bool = True) -> list[list[int]]:
-    gen.CPU_DECODE_STEP = step
+def ours(model: GPT, prompts: torch.Tensor, n: int, use_cache: bool) -> list[list[int]]:
     rows = prompts.tolist()
     if len(rows) == 1:
         return [generate(model, rows[0], max_new_tokens=n, temperature=0.0, use_cache=use_cache)]
@@ -86,8 +92,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--skip-hf", action="store_true", help="time gpt2lab only")
     p.add_argument("--skip-no-cache", action="store_true", help="leave out the run without a cache")
-    p.add_argument("--model-forward", action="store_true",
-                   help="also time decoding through GPT.forward instead of the CPU decoding step")
+    p.add_argument("--bf16", action="store_true", help="also time gpt2lab with the model in bfloat16")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = p.parse_args()
 
@@ -98,14 +103,19 @@ def main() -> None:
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_preset(args.model)).to(device).eval()
     hf = None if args.skip_hf else hf_twin_for_generate(model)
+    model_bf16 = None
+    if args.bf16:
+        model_bf16 = GPT(model.config).to(device).eval()
+        model_bf16.load_state_dict(model.state_dict())
+        model_bf16 = model_bf16.to(torch.bfloat16)
 
     rows, notes = [], []
     for bs in args.batch_sizes:
         prompts = torch.randint(0, model.config.vocab_size, (bs, args.prompt_len), device=device,
                                 generator=torch.Generator(device=device).manual_seed(bs))
         runs = {"gpt2lab": lambda k, x=prompts: ours(model, x, k, True)}
-        if args.model_forward:
-            runs["gpt2lab, forward"] = lambda k, x=prompts: ours(model, x, k, True, step=False)
+        if args.bf16:
+            runs["gpt2lab, bf16"] = lambda k, x=prompts: ours(model_bf16, x, k, True)
         if not args.skip_no_cache:
             runs["gpt2lab, no cache"] = lambda k, x=prompts: ours(model, x, k, False)
         if hf is not None:
@@ -129,6 +139,11 @@ def main() -> None:
             diff = first_difference(outputs["gpt2lab"], outputs["transformers"])
             notes.append(f"batch {bs}: gpt2lab and transformers produce "
                          + ("the same tokens" if diff is None else f"different tokens from {diff}"))
+        if "gpt2lab, bf16" in outputs:
+            same = sum(a == b for x, y in zip(outputs["gpt2lab, bf16"], outputs["gpt2lab"]) for a, b in zip(x, y))
+            total = sum(len(x) for x in outputs["gpt2lab"])
+            notes.append(f"batch {bs}: gpt2lab in bf16 gives {same} of {total} tokens equal to fp32's "
+                         "(rounding changes near-ties)")
         if "gpt2lab, no cache" in outputs:
             same = all(a == b[:n_nc] for a, b in zip(outputs["gpt2lab, no cache"], outputs["gpt2lab"]))
             notes.append(f"batch {bs}: gpt2lab without a cache "

@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,23 +64,43 @@ def save_weights(model: torch.nn.Module, path: str | os.PathLike, metadata: dict
     io.save_tensors(state, path, metadata)
 
 
-def load_weights(model: torch.nn.Module, path: str | os.PathLike, config_name: str = "config.json") -> None:
-    """Load a weights file into `model`, checking every name and shape (LoRA adapters, which live in their
-    own file, are not expected here)."""
+def file_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """The tensor names and shapes of a safetensors file, from its header alone (nothing is loaded)."""
+    from safetensors import SafetensorError, safe_open
+
     path = Path(path)
-    state = io.read_tensors(path, "the run or checkpoint is incomplete (did training finish?)",
-                            "the file is corrupt, use another checkpoint")
-    expected = {k: v.shape for k, v in unique_state_dict(model).items()
-                if not k.endswith((".lora_A", ".lora_B")) or k in state}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; the run or checkpoint is incomplete (did training finish?)")
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path} cannot be read as safetensors ({str(e).splitlines()[0]}); the file is corrupt, "
+                        "use another checkpoint") from None
+
+
+def check_shapes(expected: dict, found: dict, path: Path, config_name: str = "config.json") -> None:
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
     if missing or unexpected:
         raise UserError(f"{path} does not fit the model in {config_name} (missing {missing[:3]}, unexpected "
                         f"{unexpected[:3]}); the weights and the config come from different runs")
     for k, shape in expected.items():
-        if state[k].shape != shape:
-            raise UserError(f"{path}: tensor {k} has shape {tuple(state[k].shape)}, {config_name} implies "
+        if tuple(found[k]) != tuple(shape):
+            raise UserError(f"{path}: tensor {k} has shape {tuple(found[k])}, {config_name} implies "
                             f"{tuple(shape)}; the weights and the config come from different runs")
+
+
+def load_weights(model: torch.nn.Module, path: str | os.PathLike, config_name: str = "config.json") -> None:
+    """Load a weights file into `model`, checking every name and shape first (LoRA adapters, which live in
+    their own file, are not expected here)."""
+    path = Path(path)
+    shapes = file_shapes(path)
+    expected = {k: tuple(v.shape) for k, v in unique_state_dict(model).items()
+                if not k.endswith((".lora_A", ".lora_B")) or k in shapes}
+    check_shapes(expected, shapes, path, config_name)
+    state = io.read_tensors(path, "the run or checkpoint is incomplete (did training finish?)",
+                            "the file is corrupt, use another checkpoint")
     with torch.no_grad():
         for k, t in unique_state_dict(model).items():
             if k in state:
@@ -251,6 +272,13 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", *, 
         raise UserError(f"{where} is a language model, not a classifier; make one with "
                         "`gpt2lab finetune classify --init RUN_DIR ...`")
     tokenizer = load_tokenizer(info, fast_tokenizer)
+    # the weights file's header against the config before anything is allocated: a config.json that asks for an
+    # absurd size is refused here, not after minutes of allocation
+    path = Path(weights) if weights is not None else info.path / WEIGHTS_FILE
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in unique_state_dict(build_model(info)).items()}
+    found = {k: v for k, v in file_shapes(path).items() if not k.endswith((".lora_A", ".lora_B"))}
+    check_shapes(shapes, found, path)
     model = build_model(info)
     if info.lora is not None:
         from gpt2lab.finetune import lora
@@ -326,11 +354,12 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:
     if not trainer_file.is_file():
         raise UserError(f"{trainer_file} does not exist; the checkpoint is incomplete, {fix}")
     try:
-        trainer_state = torch.load(trainer_file, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a damaged or hostile file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{trainer_file} cannot be loaded ({first[:200]}); the checkpoint is corrupt, {fix}") \
-            from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer_state = torch.load(trainer_file, map_location="cpu", weights_only=True)
+    except Exception:  # torch raises many types for a damaged or hostile file
+        raise UserError(f"{trainer_file} cannot be loaded as tensors only: it is damaged or holds other objects; "
+                        f"{fix}") from None
     return trainer_state, state
 
 
@@ -342,6 +371,9 @@ def write_merged_run(run_dir: str | os.PathLike, out: str | os.PathLike, overwri
         raise UserError(f"{run_dir} has no LoRA adapters (no \"lora\" entry in config.json); "
                         "it is already an ordinary run dir")
     io.check_output_dir(out, "run", overwrite=overwrite, flag="--out", inputs=[run_dir])
+    if io.dir_kind(out) == "run" and "merged_lora" not in open_run(out).config:
+        raise UserError(f"--out {out} holds a run that merge-lora did not write; --overwrite only replaces an "
+                        "earlier merged run, choose another --out")
     model, tokenizer = load_run(run_dir, merge_lora=True)
     merged = {k: v for k, v in info.config.items() if k != "lora"}
     merged["merged_lora"] = {"from": str(run_dir.resolve()), **info.lora}

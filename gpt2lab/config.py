@@ -69,7 +69,7 @@ BETA = _finite(0, 1, hi_open=True)
 
 @dataclass
 class LoopConfig:
-    out: str = opt("", "the run directory to write (config, weights, metrics, checkpoints)")
+    out: str = opt("", "the run directory to write (config, weights, metrics, checkpoints)", resumable=True)
     max_steps: int = opt(1000, "optimizer steps to train for; on --resume a larger value extends the run (the "
                          "schedule is recomputed for the new length from the resumed step on)",
                          check=POSITIVE, resumable=True)
@@ -191,8 +191,8 @@ class SFTConfig(LoopConfig):
     val_data: str | None = opt(None, "held-out records (default: every k-th record of --data, "
                                "k = 1/--val-fraction)")
     val_fraction: float = opt(0.1, "share of --data held out when --val-data is not given", check=FRACTION)
-    template: str = opt("alpaca", "chat format of Alpaca records: alpaca or chat (chat records always "
-                        "use chat)", choices=("alpaca", "chat"))
+    template: str = opt("alpaca", "chat format of the run: alpaca or chat (data holding any chat record "
+                        "uses chat)", choices=("alpaca", "chat"))
     lora_rank: int = opt(0, "train LoRA adapters of this rank instead of all weights (0: off)", check=NONNEG)
     lora_alpha: float = opt(16.0, "LoRA scale numerator (the update is alpha/rank * B A)",
                             check=_finite(0, lo_open=True))

@@ -368,6 +368,28 @@ class TokenLoader:
         self.order.load_state_dict(state, f"data in {self.data_dir}")
 
 
+def document_inputs(x: torch.Tensor, eot_id: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Positions and an attention mask that keep the documents packed into each row apart.
+
+    x (B, T): rows cut from a split where <|endoftext|> begins every document. A document starts at each
+    eot (and at the row's first token); its positions count from 0 there, and its tokens attend only to
+    earlier tokens of the same document: a block-diagonal causal mask (B, 1, T, T). When no row holds more
+    than one document the answer is (None, None): plain causal attention, the fast kernel, pays nothing.
+    """
+    B, T = x.shape
+    starts = x == eot_id
+    starts[:, 0] = True
+    if int(starts.sum()) == B:  # every row is (part of) one document
+        return None, None
+    idx = torch.arange(T, device=x.device)
+    first = torch.cummax(torch.where(starts, idx, 0), dim=1).values  # where each token's document starts
+    positions = idx - first
+    doc = starts.cumsum(dim=1)  # which document of its row a token belongs to
+    causal = idx[None, :] <= idx[:, None]
+    mask = (doc[:, :, None] == doc[:, None, :]) & causal
+    return positions, mask[:, None]
+
+
 class SlidingWindowDataset(torch.utils.data.Dataset):
     """Input/target windows slid over a stream of ids, for a `torch.utils.data.DataLoader`.
 
@@ -417,6 +439,7 @@ class SlidingWindowDataset(torch.utils.data.Dataset):
 
 
 __all__ = [
-    "HEADER_BYTES", "MAGIC", "SlidingWindowDataset", "TokenLoader", "check_tokenizer", "data_tokenizer",
+    "HEADER_BYTES", "MAGIC", "GlobalOrder", "SlidingWindowDataset", "TokenLoader", "check_tokenizer",
+    "data_tokenizer", "document_inputs",
     "dtype_for_vocab", "load_tokens", "open_shard", "read_meta", "shard_header",
 ]

@@ -362,16 +362,19 @@ def _load_hf_weights(directory: Path) -> tuple[dict, list[Path]]:
 
 
 def _load_pickle(path: Path) -> dict:
+    import warnings
+
     import torch
 
     try:
         # weights_only: tensors and plain containers, never an arbitrary object or a function call
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a damaged or hostile file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path} was refused: it is read with weights_only=True and holds something "
-                        f"other than tensors, or is damaged ({first}); get the model as model.safetensors "
-                        "from a source you trust") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # torch raises many types for a damaged or hostile file
+        raise UserError(f"{path} was refused: gpt2lab reads pickles as tensors only, and this one holds other "
+                        "objects (possibly code) or is damaged; get the model as model.safetensors from a source "
+                        "you trust") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
         raise UserError(f"{path} holds {type(state).__name__}, not a state dict of named tensors; pass "

@@ -179,14 +179,15 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temps(directory: str | os.PathLike) -> None:
-    """Delete the `.NAME.tmp-PID` / `.NAME.old-PID` leftovers of processes that no longer run."""
+def remove_stale_temps(directory: str | os.PathLike, target: str | None = None) -> None:
+    """Delete the `.NAME.tmp-PID` / `.NAME.old-PID` leftovers of processes that no longer run (of the output
+    `target` only, when given)."""
     directory = Path(directory)
     if not directory.is_dir():
         return
     for p in directory.iterdir():
         name = p.name
-        if not name.startswith("."):
+        if not name.startswith(".") or (target is not None and not name.startswith(f".{target}.")):
             continue
         for tag in (".tmp-", ".old-"):
             if tag in name:
@@ -390,6 +391,7 @@ def check_output_dir(out: str | os.PathLike, kind: str, *, overwrite: bool = Fal
         raise UserError(f"{flag} {out} is a non-empty directory that gpt2lab did not write; --overwrite only "
                         f"replaces {KIND_NAMES[kind]}, choose another {flag}")
     _probe_writable(out, flag)
+    remove_stale_temps(out.parent, out.name)
 
 
 # file kinds: how to recognise an existing file gpt2lab wrote
@@ -403,17 +405,20 @@ def _is_eval_json(path: Path) -> bool:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return isinstance(value, list) and all(isinstance(v, dict) and "task" in v for v in value)
+    # what `gpt2lab eval --output` writes: a non-empty list of {"task", "n", ...}
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) and {"task", "n"} <= set(v)
+                                                           for v in value)
 
 
 def _is_eval_jsonl(path: Path) -> bool:
     try:
         with open(path, encoding="utf-8") as f:
-            first = f.readline()
-        value = json.loads(first) if first.strip() else {"task": None}
+            lines = [line for line in f if line.strip()]
+        records = [json.loads(line) for line in lines]
     except (OSError, ValueError):
         return False
-    return isinstance(value, dict) and "task" in value
+    # what `gpt2lab eval --predictions` writes: one {"task", "index", ...} per line (or nothing at all)
+    return all(isinstance(r, dict) and {"task", "index"} <= set(r) for r in records)
 
 
 FILE_KINDS = {"png": ("a PNG image", _is_png), "eval-json": ("gpt2lab eval metrics", _is_eval_json),
@@ -434,6 +439,7 @@ def check_output_file(out: str | os.PathLike, kind: str, *, flag: str,
             raise UserError(f"{flag} {out} exists and is not {what}; gpt2lab replaces only a file of the same "
                             f"kind, choose another {flag}")
     _probe_writable(out, flag)
+    remove_stale_temps(out.parent, out.name)
 
 
 # ------------------------------------------------------------------------------ a run dir's lock

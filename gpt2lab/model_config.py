@@ -58,7 +58,7 @@ class GPTConfig:
         if not isinstance(self.bias, bool):
             raise UserError(f"model setting bias must be true or false, got {self.bias!r}")
         # sizes no machine can hold are refused here, before anything is allocated
-        if self.vocab_size > 1 << 24 or self.block_size > 1 << 20 or self.n_layer > 1024 \
+        if self.vocab_size > 1 << 21 or self.block_size > 1 << 20 or self.n_layer > 1024 \
                 or self.n_embd > 1 << 16:
             raise UserError(f"the model config asks for an impossible size (vocab_size {self.vocab_size}, "
                             f"block_size {self.block_size}, n_layer {self.n_layer}, n_embd {self.n_embd})")

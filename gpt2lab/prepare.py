@@ -273,6 +273,11 @@ def prepare(
     out = Path(out_dir).absolute()
     protected = list(inputs) + ([str(tokenizer)] if isinstance(tokenizer, (str, os.PathLike))
                                 and str(tokenizer) != "gpt2" else [])
+    if hf_dataset and os.path.exists(hf_dataset):  # a dataset saved to disk is an input too
+        protected.append(hf_dataset)
+    if not hf_dataset:
+        # fail on a bad path before starting any work; the files a glob matches are inputs too
+        protected += sources.expand_inputs(inputs)
     io.check_output_dir(out, "data", overwrite=overwrite, flag="--out", inputs=protected)
     tok = get_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
     if tok.eot_id is None:
@@ -280,8 +285,6 @@ def prepare(
                         "train one with `gpt2lab tokenizer train` (it adds it) or use 'gpt2'")
     dtype = dtype_for_vocab(tok.vocab_size)
 
-    if not hf_dataset:
-        sources.expand_inputs(inputs)  # fail on a bad path before starting any work
     stats = sources.ReadStats()
     if hf_dataset:
         pieces = sources.iter_hf_pieces(hf_dataset, hf_split, hf_config, text_field, stats,

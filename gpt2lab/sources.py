@@ -262,8 +262,12 @@ def iter_hf_pieces(
                         "install it with `pip install 'gpt2lab[hf]'`") from None
     stats = stats if stats is not None else ReadStats()
     stats.sources.append(f"hf:{dataset}:{config or ''}:{split}")
+    local = os.path.isdir(dataset)
+    if not local:
+        _check_hub_reachable(dataset)
     try:
-        if os.path.isdir(dataset) and os.path.exists(os.path.join(dataset, "dataset_info.json")):
+        datasets.utils.logging.set_verbosity_error()  # no retry chatter before the one error line
+        if local and os.path.exists(os.path.join(dataset, "dataset_info.json")):
             ds = datasets.load_from_disk(dataset)
             if isinstance(ds, datasets.DatasetDict):
                 ds = ds[split]
@@ -286,6 +290,25 @@ def iter_hf_pieces(
             yield Piece(doc, part, last)
         doc += 1
         stats.documents = doc
+
+
+def _check_hub_reachable(dataset: str) -> None:
+    """Fail at once, in one line, when the Hugging Face hub cannot be reached (instead of the dataset
+    library's minute of retries)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE"):
+        return  # the library answers from its cache, or says it is offline
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=10):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot reach the Hugging Face hub at {host} ({e.strerror or e}) to stream the dataset "
+                        f"{dataset!r}; on a machine that is online save it with `datasets` (`save_to_disk`) and "
+                        "pass that directory to --hf-dataset, or give text files with --input") from None
 
 
 def read_text(path: str | os.PathLike) -> str:

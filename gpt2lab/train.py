@@ -59,6 +59,7 @@ class TrainResult:
     evals: list[dict] = field(default_factory=list)  # every evaluation's metrics, with its step
     final_val_loss: float | None = None
     run_dir: str = ""
+    settings: LoopConfig | None = None  # the run's settings as resolved (a resumed run's stored ones)
 
 
 class NonFiniteLoss(UserError):
@@ -261,11 +262,25 @@ class Trainer:
             return cfg
         stored = ckpt.open_run(self.out, "--out").config
         given = explicit_settings(cfg) if given is None else given
-        values = merge_for_resume(type(cfg), stored.get("train"), given)
+        train = dict(stored.get("train") or {})
+        if train.get("total_batch_tokens") is None and isinstance(stored.get("resolved"), dict):
+            # an implied batch (one micro-batch per process) stays the run's batch on any number of processes
+            train["total_batch_tokens"] = stored["resolved"].get("total_batch_tokens")
+        given = dict(given)
+        for name in ("data", "init", "init_from", "val_data", "train", "val", "test"):
+            # a path given another way (relative, absolute) is the same setting when it names the same file
+            if isinstance(given.get(name), str) and isinstance(train.get(name), str) and given[name] != train[name] \
+                    and Path(given[name]).resolve() == Path(train[name]).resolve():
+                given[name] = train[name]
+        if not given.get("data") and isinstance(stored.get("data"), dict) and stored["data"].get("path") \
+                and isinstance(train.get("data"), str) and train["data"]:
+            train["data"] = stored["data"]["path"]  # the absolute path: resumable from any directory
+        values = merge_for_resume(type(cfg), train, given)
         if "max_steps" in given:  # a new length replaces one derived from --epochs
             values["epochs"] = None
-        if "data" in values and not given.get("data") and isinstance(stored.get("data"), dict):
-            values["data"] = values.get("data") or stored["data"].get("path", "")
+        if "data" in values and not values.get("data") and not given.get("data") \
+                and isinstance(stored.get("data"), dict) and stored["data"].get("path"):
+            values["data"] = stored["data"]["path"]  # (a classifier trained on --train files has no --data)
         return build(type(cfg), values)
 
     def _claim_out_dir(self) -> None:
@@ -419,10 +434,12 @@ class Trainer:
         loss_value = loss_sum.item()
         if not math.isfinite(loss_value):
             last = ckpt.list_checkpoints(self.out)
-            fix = (f"then rerun with --resume (from {last[-1]})" if last else
-                   "then run it again (no checkpoint was written yet, it starts from step 0)")
-            raise NonFiniteLoss(f"the loss became {loss_value} at step {self.step + 1}; lower --lr "
-                                f"(now {cfg.lr}) or --grad-clip, or change --dtype, {fix}")
+            lower = f"a lower --lr (now {cfg.lr}) or --grad-clip"
+            fix = (f"the last good checkpoint is {last[-1]}: resume from it with --resume --dtype fp32 if the run "
+                   f"used bf16 or fp16, or train again with {lower} into a new --out" if last else
+                   f"no checkpoint was written yet: run it again without --resume, with {lower} (it starts from "
+                   "step 0)")
+            raise NonFiniteLoss(f"the loss became {loss_value} at step {self.step + 1}; {fix}")
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -440,7 +457,7 @@ class Trainer:
 
     def _run(self) -> TrainResult:
         cfg, main = self.cfg, self.dist.is_main
-        result = TrainResult(run_dir=str(self.out))
+        result = TrainResult(run_dir=str(self.out), settings=cfg)
         if main:
             verb = f"resuming at step {self.step}" if self.resume_from else "training"
             trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -557,12 +574,13 @@ class LMTask(Task):
     def model_config(self, stored: GPTConfig | None) -> GPTConfig:
         cfg = self.cfg
         if stored is not None:
-            base, source, sha = stored, "the run being resumed", None
+            base, source = stored, f"the run being resumed ({cfg.out})"
+            sha, origin = ckpt.open_run(cfg.out, "--out").tokenizer_sha256, cfg.out
         else:
-            base, source, sha = self._source()
+            (base, source, sha), origin = self._source(), cfg.init_from
         if sha is not None and sha != self.tokenizer.fingerprint:
             raise UserError(f"{source} was trained with another tokenizer than the data in {cfg.data}; prepare "
-                            f"the data with the run's tokenizer (`gpt2lab prepare --tokenizer {cfg.init_from}`)")
+                            f"the data with the run's tokenizer (`gpt2lab prepare --tokenizer {origin}`)")
         if not source:
             return base
         # the model comes from a run: a size flag that disagrees with it cannot be honoured

@@ -33,7 +33,7 @@ def tiny_corpus(tmp_path_factory) -> Path:
 
 
 def _tiny_data_dir(tmp_path_factory, corpus: Path, vocab_size: int, name: str) -> Path:
-    from gpt2lab.data import prepare
+    from gpt2lab.prepare import prepare
     from gpt2lab.tokenizer.train import train_bpe_from_texts
 
     tok = train_bpe_from_texts([corpus.read_text(encoding="utf-8")], vocab_size, name=name)

@@ -5,11 +5,14 @@ whose classes differ by their words ("free prize cash" vs "lunch tomorrow mum").
 fine-tuning run takes a fraction of a second on one thread.
 """
 
+import copy
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,21 +20,12 @@ from safetensors.torch import load_file
 
 from gpt2lab import checkpoint as ckpt
 from gpt2lab.cli import main as cli_main
+from gpt2lab.config import ClassifyConfig
 from gpt2lab.errors import UserError
-from gpt2lab.finetune.classify import (
-    ClassifyConfig,
-    GPTClassifier,
-    classify_texts,
-    collate,
-    finetune_classifier,
-    label_order,
-    load_classifier,
-    make_splits,
-    read_examples,
-    split_sizes,
-)
-from gpt2lab.finetune.lora import LORA_FILE, merge_lora_run
-from gpt2lab.model import GPT, GPTConfig
+from gpt2lab.finetune.classify import classify_texts, finetune_classifier, load_classifier
+from gpt2lab.finetune.classify_data import collate, label_order, make_splits, read_examples, split_sizes
+from gpt2lab.finetune.lora import LORA_FILE
+from gpt2lab.model import GPT, GPTClassifier, GPTConfig
 
 SPAM = "free prize win cash now claim urgent offer winner reward".split()
 HAM = "see you at lunch tomorrow mum dinner home later meeting call".split()
@@ -83,7 +77,8 @@ def setup(tmp_path_factory):
 
 def run_cfg(setup, out, **overrides) -> ClassifyConfig:
     values = dict(init=str(setup["base"]), out=str(setup["root"] / out), data=str(setup["tsv"]),
-                  columns=["label", "text"], epochs=1, lr=3e-3, batch_size=16, device="cpu", quiet=True)
+                  columns=["label", "text"], epochs=1, lr=3e-3, batch_size=16, device="cpu", dtype="fp32",
+                  tensorboard=False, log_every=1000)
     return ClassifyConfig(**{**values, **overrides})
 
 
@@ -104,11 +99,16 @@ def test_full_finetuning_reaches_high_accuracy(setup, trained):
     assert set(results["per_class"]["test"]) == {"ham", "spam"}
     assert sum(c["support"] for c in results["per_class"]["test"].values()) == 40
     assert len(results["history"]) == 3 and 1 <= results["best_epoch"] <= 3
+    # fixed-size batches of 16 from one global order: 140 examples are 9 steps an epoch (the 9th wraps)
+    assert [h["step"] for h in results["history"]] == [9, 18, 27]
+    assert [h["epoch"] for h in results["history"]] == [1.0, 2.0, 3.0]
+    assert results["best_epoch"] in (1.0, 2.0, 3.0)
     assert results == {**results, **{f"{k}_accuracy": trained.metrics[k]["accuracy"]
                                      for k in ("train", "val", "test")}}
 
     cfg = ckpt.read_run_config(out)
-    assert cfg["task"] == "classify" and cfg["labels"] == ["ham", "spam"]
+    assert cfg["kind"] == "classifier" and cfg["task"] == "classify" and cfg["labels"] == ["ham", "spam"]
+    assert not (out / "best.safetensors").exists()  # the kept epoch's weights are model.safetensors
     assert cfg["head"]["num_classes"] == 2 and cfg["model"]["n_embd"] == 32
     weights = load_file(str(out / ckpt.WEIGHTS_FILE))
     assert weights["score.weight"].shape == (2, 32) and weights["score.bias"].shape == (2,)
@@ -169,7 +169,7 @@ def test_lora_mode_keeps_the_base_and_merges(setup, tmp_path):
     texts = ["free cash now", "see you at lunch", "the prize is ok"]
     model, tok, labels, head = load_classifier(out)
     unmerged = classify_texts(model, tok, labels, head, texts)
-    merge_lora_run(out, tmp_path / "merged")
+    ckpt.write_merged_run(out, tmp_path / "merged")
     assert not (tmp_path / "merged" / LORA_FILE).exists()
     model, tok, labels, head = load_classifier(tmp_path / "merged")
     for a, b in zip(unmerged, classify_texts(model, tok, labels, head, texts)):
@@ -312,9 +312,14 @@ def test_errors_are_one_line(setup, tmp_path, capsys):
     err = _error(capsys, ft + ["--init", base, "--data", tsv, "--columns", "label,text",
                                "--text-field", "body", "--out", str(tmp_path / "o")])
     assert "no column 'body'" in err and "'label', 'text'" in err
-    err = _error(capsys, ft + ["--init", str(tmp_path), "--data", tsv, "--columns", "label,text",
+    (tmp_path / "notrun").mkdir()
+    err = _error(capsys, ft + ["--init", str(tmp_path / "notrun"), "--data", tsv, "--columns", "label,text",
                                "--out", str(tmp_path / "o")])
     assert "is not a run dir" in err
+    # the output may not be, hold or lie inside an input
+    err = _error(capsys, ft + ["--init", base, "--data", tsv, "--columns", "label,text", "--out",
+                               str(setup["base"] / "o")])
+    assert "lies inside the input" in err and not (setup["base"] / "o").exists()
 
     one_class = tmp_path / "one.tsv"
     one_class.write_text("ham\thello\nham\tthere\n", encoding="utf-8")
@@ -329,5 +334,208 @@ def test_errors_are_one_line(setup, tmp_path, capsys):
     assert "val.tsv:2: label 'phishing'" in err and "ham, spam" in err
 
     err = _error(capsys, ["classify", base, "--text", "hi"])
-    assert "is not a classifier" in err
+    assert "not a classifier" in err
     assert not (tmp_path / "o").exists()  # nothing was written by a failed command
+
+
+# ------------------------------------------------------------------------ the shared loop: resume, DDP, --init
+
+
+def cli_args(setup, out, *extra) -> list[str]:
+    return ["finetune", "classify", "--init", str(setup["base"]), "--data", str(setup["tsv"]), "--columns",
+            "label,text", "--out", str(out), "--train-mode", "all", "--lr", "3e-3", "--device", "cpu", "--dtype",
+            "fp32", "--no-tensorboard", "--log-every", "1", *extra]
+
+
+# 6 epochs of 9 steps; a checkpoint (and an evaluation) after every epoch; dropout, so that the restored
+# random state matters too
+RESUMED = ["--epochs", "6", "--batch-size", "16", "--dropout", "0.1", "--keep-checkpoints", "0"]
+# the same total batch of 16 examples on 1 and on 2 processes
+DDP = ["--epochs", "2", "--dropout", "0"]
+
+
+@pytest.fixture(scope="module")
+def launched(setup, gpt2lab_procs):
+    """Runs as separate `gpt2lab` processes: an uninterrupted one, one killed with SIGKILL once its first
+    checkpoint (step 9, the end of epoch 1) exists, and a DDP pair (1 process, 2 gloo processes)."""
+    root = setup["root"] / "procs"
+    outs = {name: root / name for name in ("straight", "killed", "one", "two")}
+    jobs = {
+        "straight": {"argv": cli_args(setup, outs["straight"], *RESUMED)},
+        "killed": {"argv": cli_args(setup, outs["killed"], *RESUMED), "kill_at_step": 9,
+                   "run_dir": str(outs["killed"])},
+        "one": {"argv": cli_args(setup, outs["one"], *DDP, "--batch-size", "16")},
+        "two": {"argv": cli_args(setup, outs["two"], *DDP, "--batch-size", "8"), "nproc": 2},
+    }
+    results = gpt2lab_procs(list(jobs.values()), timeout=120)
+    return {name: (res, outs[name]) for name, res in zip(jobs, results)}
+
+
+def metrics_records(run: Path) -> list[dict]:
+    """metrics.jsonl without the timings, which differ from run to run."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("tokens_per_sec", "mfu")} for r in rows]
+
+
+def weights(run: Path) -> dict:
+    return load_file(str(run / ckpt.WEIGHTS_FILE))
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    assert not [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert json.loads((a / "results.json").read_text()) == json.loads((b / "results.json").read_text())
+    assert metrics_records(a) == metrics_records(b)
+
+
+def test_a_killed_and_resumed_classifier_ends_as_an_uninterrupted_one(setup, launched, tmp_path, capsys,
+                                                                      monkeypatch):
+    from gpt2lab.finetune.classify import ClassifyTask, ExampleLoader
+
+    (res, straight), (killed_res, killed) = launched["straight"], launched["killed"]
+    assert res["rc"] == [0], res["ranks"][0]["err"]
+    assert killed_res["killed"] and killed_res["rc"] == [-9], killed_res
+    # it died after the checkpoint of epoch 1 and before the end
+    assert 9 <= killed_res["newest_checkpoint"] < 54 and not (killed / ckpt.WEIGHTS_FILE).exists()
+    assert not (killed / "results.json").exists()
+    straight_results = json.loads((straight / "results.json").read_text())
+    assert len(straight_results["history"]) == 6
+
+    control = tmp_path / "control"
+    shutil.copytree(killed, control)
+    # `--resume` with nothing else: the run's own settings
+    with pytest.raises(SystemExit) as e:
+        cli_main(["finetune", "classify", "--out", str(killed), "--resume"])
+    assert e.value.code == 0, capsys.readouterr().err
+    assert f"resuming at step {killed_res['newest_checkpoint']}" in capsys.readouterr().out
+    assert_same_run(straight, killed)
+
+    # the control: the same resume with the restored data position and task state ignored ends elsewhere
+    monkeypatch.setattr(ExampleLoader, "load_state_dict", lambda self, state: None)
+    monkeypatch.setattr(ClassifyTask, "load_state_dict", lambda self, state: None)
+    with pytest.raises(SystemExit) as e:
+        cli_main(["finetune", "classify", "--out", str(control), "--resume"])
+    assert e.value.code == 0
+    with pytest.raises(AssertionError):
+        assert_same_run(straight, control)
+    changed = weights(control)
+    assert any(not torch.equal(changed[k], v) for k, v in weights(straight).items())
+    assert len(json.loads((control / "results.json").read_text())["history"]) < 6
+
+
+def test_a_run_from_split_files_resumes_with_its_own_files(setup, tmp_path, monkeypatch, capsys):
+    """--train/--val/--test instead of --data: `--resume` alone continues with the run's files."""
+    from gpt2lab.train import Trainer
+
+    lines = setup["tsv"].read_text(encoding="utf-8").splitlines(keepends=True)
+    files = {"train": lines[:140], "val": lines[140:160], "test": lines[160:]}
+    argv = ["finetune", "classify", "--init", str(setup["base"]), "--columns", "label,text", "--train-mode", "all",
+            "--epochs", "2", "--batch-size", "16", "--lr", "3e-3", "--dropout", "0.1", "--device", "cpu",
+            "--no-tensorboard", "--log-every", "1"]
+    for name, rows in files.items():
+        (tmp_path / f"{name}.tsv").write_text("".join(rows), encoding="utf-8")
+        argv += [f"--{name}", str(tmp_path / f"{name}.tsv")]
+    with pytest.raises(SystemExit) as e:
+        cli_main(argv + ["--out", str(tmp_path / "straight")])
+    assert e.value.code == 0
+
+    real = Trainer.train_step
+
+    def train_step(self):
+        result = real(self)
+        if self.step == 12:  # after the checkpoint of epoch 1 (step 9)
+            raise Stopped
+        return result
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    with pytest.raises(Stopped):
+        cli_main(argv + ["--out", str(tmp_path / "stopped")])
+    monkeypatch.setattr(Trainer, "train_step", real)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli_main(["finetune", "classify", "--out", str(tmp_path / "stopped"), "--resume"])
+    assert e.value.code == 0, capsys.readouterr().err
+    assert "resuming at step 9" in capsys.readouterr().out
+    assert_same_run(tmp_path / "straight", tmp_path / "stopped")
+    assert json.loads((tmp_path / "stopped" / "results.json").read_text())["sizes"] == \
+        {"train": 140, "val": 20, "test": 40}
+
+
+def test_two_processes_train_as_one_with_the_same_total_batch(launched):
+    (one_res, one), (two_res, two) = launched["one"], launched["two"]
+    assert one_res["rc"] == [0], one_res["ranks"][0]["err"]
+    assert two_res["rc"] == [0, 0], [r["err"] for r in two_res["ranks"]]
+    config = ckpt.read_run_config(two)
+    assert config["resolved"]["world_size"] == 2 and config["train"]["batch_size"] == 8
+    assert ckpt.read_run_config(one)["resolved"]["world_size"] == 1
+
+    a, b = metrics_records(one), metrics_records(two)
+    losses_a = [(r["step"], r["loss"]) for r in a if "loss" in r]
+    losses_b = [(r["step"], r["loss"]) for r in b if "loss" in r]
+    assert [s for s, _ in losses_a] == [s for s, _ in losses_b] == list(range(1, 19))
+    assert len({round(v, 3) for _, v in losses_a}) > 5  # the loss moves: equal lists would mean something
+    for (step, la), (_, lb) in zip(losses_a, losses_b):
+        assert lb == pytest.approx(la, rel=1e-5, abs=1e-6), step
+    evals_a = [r for r in a if "val_accuracy" in r]
+    evals_b = [r for r in b if "val_accuracy" in r]
+    assert [r["step"] for r in evals_a] == [r["step"] for r in evals_b] == [9, 18]
+    for ra, rb in zip(evals_a, evals_b):
+        for k in ("train_loss", "val_loss", "test_loss"):
+            assert rb[k] == pytest.approx(ra[k], rel=1e-4), k
+    wa, wb = weights(one), weights(two)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        a, b = wa[k], wb[k]
+        if k.endswith("attn.c_attn.bias"):
+            # the key bias gets no gradient (softmax ignores the constant q.b_k it adds to a row), so its
+            # gradient is rounding noise, which Adam scales to lr-sized steps: compare the query and value parts
+            n = a.numel() // 3
+            a, b = torch.cat([a[:n], a[2 * n:]]), torch.cat([b[:n], b[2 * n:]])
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_a_lora_language_model_is_classified_from_its_merged_weights(setup, tmp_path, monkeypatch):
+    """`finetune classify --init LORA_RUN` starts its transformer from the run's merged weights."""
+    from gpt2lab.finetune.lora import apply_lora, lora_layers, save_lora
+    from gpt2lab.train import Trainer
+
+    base, tok = ckpt.load_run(setup["base"])
+    lora = apply_lora(copy.deepcopy(base), rank=4, alpha=8)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for layer in lora_layers(lora).values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.2)
+    run = tmp_path / "lora-lm"
+    run.mkdir()
+    tok.save(run)
+    ckpt.save_weights(lora, run / ckpt.WEIGHTS_FILE, exclude_lora=True)
+    save_lora(lora, run / LORA_FILE)
+    ckpt.write_run_config(run, lora.config, tokenizer_identity=tok.identity(),
+                          extra={"lora": lora.lora_settings})
+
+    seen = []
+
+    def first_step(self):
+        seen.append(copy.deepcopy(self.model).eval())
+        raise Stopped
+
+    monkeypatch.setattr(Trainer, "train_step", first_step)
+    with pytest.raises(Stopped):
+        finetune_classifier(run_cfg(setup, tmp_path / "clf", init=str(run), train_mode="head"))
+    (model,) = seen
+    assert isinstance(model, GPTClassifier) and not lora_layers(model)
+    assert ckpt.read_run_config(tmp_path / "clf")["base"]["lora"]["rank"] == 4
+
+    idx = torch.tensor([tok.encode("free cash now see you at lunch")])
+    merged, _ = ckpt.load_run(run)
+    with torch.no_grad():
+        want, start, before = merged.hidden_states(idx), model.transformer(idx), base.hidden_states(idx)
+        lora.eval()
+        assert torch.allclose(lora.hidden_states(idx), want, atol=1e-5)  # the run dir holds what was made
+    assert (want - before).abs().max() > 1e-3
+    torch.testing.assert_close(start, want, atol=1e-5, rtol=0)
+
+
+class Stopped(Exception):
+    """Stands in for a crash before the first step."""

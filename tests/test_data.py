@@ -1,14 +1,18 @@
-"""prepare(): text -> shards + meta.json, and the readers: shards, TokenLoader, SlidingWindowDataset.
+"""prepare() (gpt2lab/prepare.py): text -> shards + meta.json, what --overwrite may replace, and the
+readers of gpt2lab/data.py: shards, TokenLoader, SlidingWindowDataset.
 
 Corpora are written inside each test, so the file runs anywhere; one test
 also prepares a slice of the shared Shakespeare corpus when it is present.
 """
 
 import gzip
+import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,18 +20,18 @@ import pytest
 import torch
 
 from gpt2lab import data
+from gpt2lab import prepare as prepare_mod
 from gpt2lab.data import (
     HEADER_BYTES,
-    ShardWriter,
     SlidingWindowDataset,
     TokenLoader,
     check_tokenizer,
     load_tokens,
     open_shard,
-    prepare,
     read_meta,
 )
 from gpt2lab.errors import UserError
+from gpt2lab.prepare import ShardWriter, prepare
 from gpt2lab.tokenizer import EOT, BPETokenizer, bytes_to_unicode, get_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,8 +63,8 @@ def gpt2_slow():
 @pytest.fixture
 def small_batches(monkeypatch):
     """Cut documents into small pieces and send few per task, to exercise those paths."""
-    monkeypatch.setattr(data, "CHUNK_CHARS", 40)
-    monkeypatch.setattr(data, "BATCH_CHARS", 100)
+    monkeypatch.setattr(prepare_mod, "CHUNK_CHARS", 40)
+    monkeypatch.setattr(prepare_mod, "BATCH_CHARS", 100)
 
 
 def write_docs(path: Path, docs, sep="\n@@@\n"):
@@ -197,17 +201,23 @@ def test_val_split_follows_the_documented_rule(tmp_path, gpt2, f):
 
 def test_default_fraction_is_exact_decimal():
     # 0.005 is read as 1/200: document 199 is the first in val, not 198 or 200
-    s = data._ValSplitter(0.005)
+    s = prepare_mod._ValSplitter(0.005)
     assert [i for i in range(1000) if s.is_val(i)] == [199, 399, 599, 799, 999]
     assert s.first_val() == 200
     # 0.1 in floats: 3 * 0.1 = 0.30000000000000004, yet exactly every tenth document
-    assert [i for i in range(30) if data._ValSplitter(0.1).is_val(i)] == [9, 19, 29]
+    assert [i for i in range(30) if prepare_mod._ValSplitter(0.1).is_val(i)] == [9, 19, 29]
 
 
 def byte_tokenizer(eot_id: int) -> BPETokenizer:
-    """A vocabulary of the 256 bytes and no merges; its eot id decides the vocab size."""
+    """The 256 bytes, no merges, and unused multi-byte tokens that fill the ids up to eot_id, which
+    decides the vocab size: the text encodes to its bytes whatever the size."""
     b2u = bytes_to_unicode()
-    return BPETokenizer({b2u[b]: b for b in range(256)}, [], {EOT: eot_id}, name=f"bytes-{eot_id}")
+    chars = [b2u[b] for b in range(256)]
+    fillers = itertools.chain(map("".join, itertools.product(chars, repeat=2)),
+                              map("".join, itertools.product(chars, repeat=3)))
+    vocab = {c: b for b, c in enumerate(chars)}
+    vocab.update(zip(fillers, range(256, eot_id)))
+    return BPETokenizer(vocab, [], {EOT: eot_id}, name=f"bytes-{eot_id}")
 
 
 def test_uint32_shards_for_a_vocab_over_65536(tmp_path):
@@ -261,8 +271,8 @@ def test_invalid_utf8_is_replaced_and_counted(tmp_path, gpt2, capsys):
 def test_shakespeare_slice_matches_whole_text_encoding(tmp_path, gpt2, shared_data, monkeypatch):
     text = gzip.open(shared_data / "corpora" / "shakespeare.txt.gz", "rt", encoding="utf-8").read(300_000)
     (tmp_path / "s.txt").write_text(text, encoding="utf-8")
-    monkeypatch.setattr(data, "CHUNK_CHARS", 5000)  # about 30 pieces, cut where the regex allows
-    monkeypatch.setattr(data, "BATCH_CHARS", 20_000)
+    monkeypatch.setattr(prepare_mod, "CHUNK_CHARS", 5000)  # about 30 pieces, cut where the regex allows
+    monkeypatch.setattr(prepare_mod, "BATCH_CHARS", 20_000)
     prepare([str(tmp_path / "s.txt")], tmp_path / "d", val_fraction=0, workers=2, progress=False)
     assert load_tokens(tmp_path / "d", "train").tolist() == [gpt2.eot_id] + gpt2.encode_ordinary(text)
 
@@ -291,40 +301,178 @@ def test_input_errors_leave_nothing_behind(tmp_path):
         prepare([str(tmp_path / "one.txt")], tmp_path / "out", hf_dataset="somewhere", progress=False)
 
 
+def hidden(parent: Path) -> list[str]:
+    """Hidden leftovers (temporary dirs, probes) in a directory."""
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
 def test_existing_output_needs_overwrite(tmp_path, gpt2):
     src = write_docs(tmp_path / "c.txt", DOCS[:2])
+    kw = dict(val_fraction=0, workers=1, progress=False)
     out = tmp_path / "d"
     out.mkdir()
     (out / "keep.txt").write_text("old")
-    with pytest.raises(UserError, match="--overwrite"):
-        prepare([str(src)], out, val_fraction=0, workers=1, progress=False)
-    assert (out / "keep.txt").exists()
-    prepare([str(src)], out, val_fraction=0, workers=1, progress=False, overwrite=True)
-    assert not (out / "keep.txt").exists() and read_meta(out)["splits"]["train"]["documents"] == 1
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    # a non-empty directory gpt2lab did not write is never replaced, with --overwrite or without
+    for overwrite in (False, True):
+        with pytest.raises(UserError, match="non-empty directory that gpt2lab did not write"):
+            prepare([str(src)], out, overwrite=overwrite, **kw)
+        assert snapshot(out) == {"keep.txt": b"old"}
+
+    # an empty directory is written; a data dir made earlier needs --overwrite, and is then replaced whole
+    data_dir = tmp_path / "empty"
+    data_dir.mkdir()
+    prepare([str(src)], data_dir, **kw)
+    assert read_meta(data_dir)["splits"]["train"]["documents"] == 1
+    (data_dir / "extra.bin").write_bytes(b"left by the old directory")
+    before = snapshot(data_dir)
+    with pytest.raises(UserError, match="already holds a gpt2lab data dir; pass --overwrite"):
+        prepare([str(src)], data_dir, **kw)
+    assert snapshot(data_dir) == before
+    meta = prepare([str(src)], data_dir, overwrite=True, doc_separator="\n@@@\n", **kw)
+    assert read_meta(data_dir) == meta and meta["splits"]["train"]["documents"] == 2
+    assert not (data_dir / "extra.bin").exists()
+    assert hidden(tmp_path) == []
+
+
+def test_overwrite_never_replaces_an_input(tmp_path, gpt2):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text(DOCS[0], encoding="utf-8")
+    kw = dict(val_fraction=0, workers=1, progress=False, overwrite=True)
+    inner = corpus / "data"  # a data dir inside the corpus: allowed while it is not an input's relative
+    prepare([str(corpus / "a.txt")], inner, **kw)
+    before = snapshot(corpus)
+
+    cases = [
+        ([str(corpus)], corpus, "is the input"),  # the input directory itself
+        ([str(corpus)], inner, "lies inside the input"),  # a data dir, but inside the input directory
+        ([str(corpus / "a.txt")], corpus, "holds the input"),  # a directory that holds an input file
+        ([str(inner)], inner, "is the input"),  # a data dir given as input
+        ([str(corpus / "*.txt")], corpus, "holds the input"),  # a glob's directory
+        ([str(corpus / "a.txt")], corpus / "a.txt", "is the input"),  # the input file itself
+        ([str(corpus / "a.txt")], tmp_path, "holds the input"),
+    ]
+    for inputs, out, words in cases:
+        with pytest.raises(UserError, match=words):
+            prepare(inputs, out, **kw)
+        assert snapshot(corpus) == before, (inputs, out)
+    # a tokenizer directory is an input too
+    tok_dir = tmp_path / "tok"
+    byte_tokenizer(300).save(tok_dir)
+    tok_before = snapshot(tok_dir)
+    with pytest.raises(UserError, match=f"is the input {tok_dir}"):
+        prepare([str(corpus / "a.txt")], tok_dir, tokenizer=str(tok_dir), **kw)
+    assert snapshot(tok_dir) == tok_before
+    assert hidden(tmp_path) == [] and hidden(corpus) == []
+
+
+def test_overwrite_never_replaces_a_dir_holding_glob_matches(tmp_path):
+    """A glob whose matches lie in the output directory makes that directory an input."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text(DOCS[0], encoding="utf-8")
+    kw = dict(val_fraction=0, workers=1, progress=False, overwrite=True)
+    prepare([str(corpus / "a.txt")], corpus / "data", **kw)
+    before = snapshot(corpus)
+    with pytest.raises(UserError, match="input"):
+        prepare([str(corpus / "*" / "*.json")], corpus / "data", **kw)  # matches data/meta.json
+    assert snapshot(corpus) == before
+
+
+def test_a_file_as_out_is_refused(tmp_path):
+    src = write_docs(tmp_path / "c.txt", DOCS[:2])
+    other = tmp_path / "notes.txt"
+    other.write_text("not a directory")
+    for overwrite in (False, True):
+        with pytest.raises(UserError, match="is a file, not a directory"):
+            prepare([str(src)], other, val_fraction=0, workers=1, progress=False, overwrite=overwrite)
+    assert other.read_text() == "not a directory"
+    # a path below a file cannot be made either
+    with pytest.raises(UserError, match="is a file"):
+        prepare([str(src)], other / "d", val_fraction=0, workers=1, progress=False)
+    assert other.read_text() == "not a directory" and hidden(tmp_path) == []
+
+
+# a prepare killed (SIGKILL: nothing can clean up) in the middle of writing its shards
+_KILLED_PREPARE = r"""
+import sys, time
+from pathlib import Path
+from gpt2lab import prepare as p
+
+real, calls = p._encode_pieces, []
+
+def slow(*args):
+    calls.append(1)
+    if len(calls) == 3:  # two batches are in the shard file by now
+        Path(sys.argv[3]).touch()
+        time.sleep(120)
+    return real(*args)
+
+p._encode_pieces, p.CHUNK_CHARS, p.BATCH_CHARS = slow, 40, 100
+p.prepare([sys.argv[1]], sys.argv[2], val_fraction=0, doc_separator="\n@@@\n", workers=1, progress=False,
+          overwrite=True)
+"""
+
+
+def test_killed_prepare_leaves_no_half_written_directory(tmp_path):
+    src = write_docs(tmp_path / "c.txt", DOCS * 5)
+    kw = dict(val_fraction=0, doc_separator="\n@@@\n", workers=1, progress=False)
+    old = tmp_path / "old"
+    prepare([str(src)], old, **kw)
+    old_files = snapshot(old)
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    procs = {name: subprocess.Popen([sys.executable, "-c", _KILLED_PREPARE, str(src), str(tmp_path / name),
+                                     str(tmp_path / f"{name}.marker")], env=env, stderr=subprocess.PIPE)
+             for name in ("new", "old")}
+    try:
+        deadline = time.time() + 120
+        for name, proc in procs.items():
+            while not (tmp_path / f"{name}.marker").exists():
+                assert proc.poll() is None, proc.stderr.read().decode()
+                assert time.time() < deadline, "the prepare never reached its third batch"
+                time.sleep(0.05)
+    finally:
+        for proc in procs.values():
+            proc.send_signal(signal.SIGKILL)
+            proc.communicate()
+    # the new directory does not exist, the old one is as it was; the partial output is a hidden temp dir
+    assert not (tmp_path / "new").exists()
+    assert snapshot(old) == old_files
+    temps = hidden(tmp_path)
+    assert sorted(t.split(".tmp-")[0] for t in temps) == [".new", ".old"], temps
+    assert any(p.name.startswith("train_") for t in temps for p in (tmp_path / t).iterdir())
+    # the next prepare succeeds and removes the dead process's leftovers
+    prepare([str(src)], tmp_path / "new", **kw)
+    prepare([str(src)], old, overwrite=True, **kw)
+    assert hidden(tmp_path) == []
+    assert load_tokens(tmp_path / "new", "train").tolist() == load_tokens(old, "train").tolist()
 
 
 @pytest.mark.parametrize("workers,exc", [(1, KeyboardInterrupt), (2, RuntimeError)])
 def test_interrupted_prepare_leaves_no_valid_directory(tmp_path, monkeypatch, small_batches, workers, exc):
     src = write_docs(tmp_path / "c.txt", DOCS * 5 + ["BOOM"] + DOCS)
-    real = data._encode_pieces
+    real = prepare_mod._encode_pieces
 
     def failing(tok, eot_id, dtype, texts, starts):  # fails on the batch holding "BOOM"
         if any("BOOM" in t for t in texts):
             raise exc("interrupted midway")
         return real(tok, eot_id, dtype, texts, starts)
 
-    monkeypatch.setattr(data, "_encode_pieces", failing)  # forked workers inherit it
+    monkeypatch.setattr(prepare_mod, "_encode_pieces", failing)  # forked workers inherit it
     kw = dict(val_fraction=0, doc_separator="\n@@@\n", workers=workers, progress=False)
     with pytest.raises(exc):
         prepare([str(src)], tmp_path / "new", **kw)
     assert no_leftovers(tmp_path, "new")
 
     # with --overwrite, a failed run leaves the previous directory as it was
-    monkeypatch.setattr(data, "_encode_pieces", real)
+    monkeypatch.setattr(prepare_mod, "_encode_pieces", real)
     prepare([str(src)], tmp_path / "old", **kw)
     before = {p.name: p.read_bytes() for p in (tmp_path / "old").iterdir()}
-    monkeypatch.setattr(data, "_encode_pieces", failing)
+    monkeypatch.setattr(prepare_mod, "_encode_pieces", failing)
     with pytest.raises(exc):
         prepare([str(src)], tmp_path / "old", overwrite=True, **kw)
     assert {p.name: p.read_bytes() for p in (tmp_path / "old").iterdir()} == before
@@ -519,10 +667,29 @@ def test_hf_dataset_saved_locally(tmp_path, gpt2):
     assert documents_of(tmp_path / "d", gpt2, 0.125) == DOCS
 
 
+def start_cli(*args):
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env.pop("GPT2LAB_DEBUG", None)  # it turns one-line errors into tracebacks
+    return subprocess.Popen([sys.executable, "-m", "gpt2lab", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+
+
+def finish(proc) -> subprocess.CompletedProcess:
+    out, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 def run_cli(*args):
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "gpt2lab", *args], capture_output=True, text=True,
-                          env=env, cwd=REPO, timeout=120)
+    return finish(start_cli(*args))
+
+
+def one_error_line(result, *words):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+    return lines[0]
 
 
 def test_cli_prepare(tmp_path):
@@ -536,6 +703,31 @@ def test_cli_prepare(tmp_path):
     assert meta["splits"]["val"]["documents"] == 1 and len(meta["splits"]["train"]["shards"]) > 1
 
     bad = run_cli("prepare", "--input", str(src), "--out", str(out), "--quiet")
-    assert bad.returncode == 2
-    lines = bad.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and "--overwrite" in lines[0]
+    one_error_line(bad, "--overwrite")
+
+
+def test_cli_prepare_overwrite_refusals(tmp_path):
+    """--overwrite never deletes an input, a directory holding or inside one, a directory gpt2lab did not
+    write, or a file; each refusal is one error line, exit status 2, and nothing is touched."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text(DOCS[0], encoding="utf-8")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.md").write_text("mine")
+    afile = tmp_path / "afile.txt"
+    afile.write_text("a file")
+    before = snapshot(tmp_path)
+    common = ["--overwrite", "--val-fraction", "0", "--workers", "1", "--quiet"]
+    cases = {
+        "is the input": ["--input", str(corpus), "--out", str(corpus)],
+        "lies inside the input": ["--input", str(corpus), "--out", str(corpus / "sub")],
+        "holds the input": ["--input", str(corpus / "a.txt"), "--out", str(tmp_path)],
+        "gpt2lab did not write": ["--input", str(corpus), "--out", str(theirs)],
+        "is a file, not a directory": ["--input", str(corpus), "--out", str(afile)],
+    }
+    procs = {words: start_cli("prepare", *argv, *common) for words, argv in cases.items()}
+    for words, proc in procs.items():
+        one_error_line(finish(proc), words)
+    assert snapshot(tmp_path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile.txt", "corpus", "theirs"]

@@ -1,6 +1,7 @@
-"""Evaluation: every score is checked against a direct computation written here (one example at a
-time, log-softmax over the concatenated ids, no batching or packing) and against Hugging Face's
-GPT2LMHeadModel on the same weights; then the CLI end to end."""
+"""Evaluation (gpt2lab/evaluate.py, its data read by gpt2lab/eval_data.py): every score is checked
+against a direct computation written here (one example at a time, log-softmax over the concatenated
+ids, no batching or packing) and against Hugging Face's GPT2LMHeadModel on the same weights; then the
+CLI end to end."""
 
 import gzip
 import json
@@ -14,10 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from gpt2lab import eval_data as ed
 from gpt2lab import evaluate as ev
 from gpt2lab.checkpoint import load_run, save_weights, write_run_config
 from gpt2lab.errors import UserError
-from gpt2lab.evaluate import MCExample, Request
+from gpt2lab.eval_data import MCExample
+from gpt2lab.evaluate import Request
 from gpt2lab.model import GPT, GPTConfig
 from gpt2lab.tokenizer.train import train_bpe_from_texts
 
@@ -147,7 +150,7 @@ def cli_files(tmp_path_factory, tok):
     other = train_bpe_from_texts([TEXT], 300, name="other300")
     corpus = d / "corpus.txt"
     corpus.write_text("\n\n".join(PARAGRAPHS), encoding="utf-8")
-    from gpt2lab.data import prepare
+    from gpt2lab.prepare import prepare
 
     prepare([str(corpus)], d / "data", tokenizer=tok, val_fraction=0.5, doc_separator="\n\n", workers=1,
             progress=False)
@@ -191,14 +194,15 @@ def cli_runs(run_dir, cli_files):
 def test_cli_task_names_match_library(cli_runs):
     from gpt2lab.cli.evaluate import TASK_NAMES
 
-    assert TASK_NAMES == ev.TASKS
+    # the judge is a task of the CLI (gpt2lab.judge), given to evaluate_run as an extra task
+    assert TASK_NAMES == ev.TASKS + ("judge",)
 
 
 # ----------------------------------------------------------------------------- text rules
 
 
 def test_hellaswag_preprocess_known_strings():
-    pre = ev.preprocess
+    pre = ed.preprocess
     # the harness strips first, so a leading tag leaves a leading space behind
     assert pre("[header] How to cook [title] Pasta") == " How to cook. Pasta"
     assert pre("  [header] How to [title] Cook [step] Boil water.  ") == " How to. Cook Boil water."
@@ -210,7 +214,7 @@ def test_hellaswag_preprocess_known_strings():
 
 
 def test_hellaswag_example_context_and_choices():
-    first, wikihow = (ev.hellaswag_example(r) for r in _hellaswag_records()[:2])
+    first, wikihow = (ed.hellaswag_example(r) for r in _hellaswag_records()[:2])
     assert first == MCExample("Roof shingle removal: A man is sitting on a roof. He",
                               ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
                                "is holding a rubik's cube.", "starts pulling up roofing on a roof."], 3)
@@ -221,9 +225,9 @@ def test_hellaswag_example_context_and_choices():
 
 
 def test_real_hellaswag_and_lambada_files(shared_data):
-    hs = ev.load_hellaswag(shared_data / "eval" / "hellaswag_val.jsonl.gz", limit=3)
+    hs = ed.load_hellaswag(shared_data / "eval" / "hellaswag_val.jsonl.gz", limit=3)
     assert hs[0].context == "Roof shingle removal: A man is sitting on a roof. He" and hs[0].label == 3
-    lam = ev.load_lambada(shared_data / "eval" / "lambada_openai_test.jsonl.gz", limit=5)
+    lam = ed.load_lambada(shared_data / "eval" / "lambada_openai_test.jsonl.gz", limit=5)
     with gzip.open(shared_data / "eval" / "lambada_openai_test.jsonl.gz", "rt", encoding="utf-8") as f:
         recs = [json.loads(next(f)) for _ in range(5)]
     for (context, target), rec in zip(lam, recs):
@@ -231,8 +235,8 @@ def test_real_hellaswag_and_lambada_files(shared_data):
 
 
 def test_lambada_split_and_encode_pair(tok):
-    assert ev.lambada_example("the cat sat on the mat") == ("the cat sat on the", " mat")
-    assert ev.lambada_example("word") == ("", " word")
+    assert ed.lambada_example("the cat sat on the mat") == ("the cat sat on the", " mat")
+    assert ed.lambada_example("word") == ("", " word")
     assert ev.encode_pair(tok, "", " x") == ([tok.eot_id], tok.encode_ordinary(" x"))
     assert ev.encode_pair(tok, "to be ", "or") == (tok.encode_ordinary("to be"), tok.encode_ordinary(" or"))
 
@@ -312,7 +316,7 @@ def test_greedy_flag_and_batching_invariance(loaded):
 def test_lambada_matches_direct_computation(loaded):
     model, tok = loaded
     texts = [p.replace("\n", " ") for p in PARAGRAPHS[:6]] + ["alone"]
-    examples = [ev.lambada_example(t) for t in texts]
+    examples = [ed.lambada_example(t) for t in texts]
     res = ev.eval_lambada(model, tok, examples, batch_size=4)
     lps, hits = [], []
     for context, target in examples:
@@ -385,7 +389,7 @@ def test_bits_per_byte_formula(loaded, tmp_path):
     texts = ["héllo wörld, a non-ASCII line ✓ 日本語 " * 4, "Plain ASCII text about kings and queens."]
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
-    docs = ev.loss_documents(tok, str(path))
+    docs = ed.loss_documents(tok, str(path))
     assert docs == [[tok.eot_id] + tok.encode_ordinary(t) for t in texts]
     res = ev.eval_loss(model, tok, docs)
     nll = sum(_direct_doc_nll(model, d, BLOCK // 2) for d in docs)
@@ -401,20 +405,20 @@ def test_data_dir_val_split_scores_like_its_text(loaded, cli_files):
     model, tok = loaded
     # val_fraction 0.5 puts documents 1, 3, 5, ... in val
     val_texts = PARAGRAPHS[1::2]
-    from_dir = ev.eval_loss(model, tok, ev.loss_documents(tok, str(cli_files / "data")))
+    from_dir = ev.eval_loss(model, tok, ed.loss_documents(tok, str(cli_files / "data")))
     path = cli_files / "val.jsonl"
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in val_texts), encoding="utf-8")
-    from_text = ev.eval_loss(model, tok, ev.loss_documents(tok, str(path)))
+    from_text = ev.eval_loss(model, tok, ed.loss_documents(tok, str(path)))
     for key in ("n", "tokens", "bytes"):
         assert from_dir.metrics[key] == from_text.metrics[key]
     assert from_dir.metrics["bpb"] == pytest.approx(from_text.metrics["bpb"], rel=1e-6)
     assert from_dir.metrics["bytes"] == sum(len(t.encode("utf-8")) for t in val_texts)
     with pytest.raises(UserError, match="tokenizer"):
-        ev.loss_documents(tok, str(cli_files / "data_other"))
+        ed.loss_documents(tok, str(cli_files / "data_other"))
 
 
 def test_split_documents():
-    split = lambda ids, eot: [d.tolist() for d in ev.split_documents(ids, eot)]
+    split = lambda ids, eot: [d.tolist() for d in ed.split_documents(ids, eot)]
     assert split([9, 1, 2, 9, 9, 3], 9) == [[9, 1, 2], [9, 3]]
     assert split([1, 2, 9, 3], 9) == [[9, 1, 2], [9, 3]]
     assert split([1, 2, 3], None) == [[1, 2, 3]]
@@ -427,35 +431,70 @@ def test_mc_file_errors(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"context": "a", "choices": ["x", "y"], "label": 2}) + "\n")
     with pytest.raises(UserError, match="label 2"):
-        ev.load_mc(bad)
+        ed.load_mc(bad)
     bad.write_text(json.dumps({"context": "a", "choices": ["x"]}) + "\n")
     with pytest.raises(UserError, match="no field 'label'"):
-        ev.load_mc(bad)
+        ed.load_mc(bad)
     with pytest.raises(UserError, match="does not exist"):
-        ev.load_mc(tmp_path / "missing.jsonl")
+        ed.load_mc(tmp_path / "missing.jsonl")
 
 
-def test_default_data_cache_then_developer_copy(tmp_path, monkeypatch):
+def test_default_data_cache_then_download(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("GPT2LAB_CACHE", str(cache))
+    calls = []
+
+    def offline(url, dest, lines):
+        calls.append((url, dest, lines))
+        raise OSError("offline")
+
+    monkeypatch.setattr(ed, "_download", offline)
+    with pytest.raises(UserError, match=r"cannot download the hellaswag data .*--data PATH \(or put it at "
+                       + str(cache / "hellaswag_val.jsonl")):
+        ed.default_data("hellaswag")
+    assert calls == [(ed.DOWNLOADS["hellaswag"][0], cache / "hellaswag_val.jsonl", 10042)]
+    cache.mkdir()
+    (cache / "hellaswag_val.jsonl").write_text("{}\n")
+    assert ed.default_data("hellaswag") == cache / "hellaswag_val.jsonl"
+    assert len(calls) == 1  # a cached file is not downloaded again
+
+
+def test_download_is_checked_and_atomic(tmp_path, monkeypatch):
+    """A download lands in the cache only whole and with the expected number of records."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("GPT2LAB_CACHE", str(cache))
+    source = tmp_path / "lambada_source.jsonl"
+    source.write_text('{"text": "a b"}\n{"text": "c d"}\n')
+    monkeypatch.setitem(ed.DOWNLOADS, "lambada", (source.as_uri(), "lambada_test.jsonl", 3))
+    with pytest.raises(UserError, match="got 2 records, expected 3.*--data PATH"):
+        ed.default_data("lambada")
+    assert list(cache.iterdir()) == []  # neither the file nor a temporary one
+    monkeypatch.setitem(ed.DOWNLOADS, "lambada", (source.as_uri(), "lambada_test.jsonl", 2))
+    assert ed.default_data("lambada") == cache / "lambada_test.jsonl"
+    assert (cache / "lambada_test.jsonl").read_bytes() == source.read_bytes()
+    assert ed.load_lambada(cache / "lambada_test.jsonl") == [("a", " b"), ("c", " d")]
+    assert sorted(p.name for p in cache.iterdir()) == ["lambada_test.jsonl"]
+
+
+def test_default_data_never_reads_the_shared_folder(tmp_path, monkeypatch, shared_data):
+    """The developers' ../shared/data copies are test data only: the library never falls back to them."""
+    assert (shared_data / "eval" / "hellaswag_val.jsonl.gz").is_file()
     monkeypatch.setenv("GPT2LAB_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(ev, "DEV_DATA", tmp_path / "dev")
 
     def offline(url, dest, lines):
         raise OSError("offline")
 
-    monkeypatch.setattr(ev, "_download", offline)
-    with pytest.raises(UserError, match="--data"):
-        ev.default_data("hellaswag")
-    (tmp_path / "dev").mkdir()
-    (tmp_path / "dev" / "hellaswag_val.jsonl.gz").write_bytes(b"")
-    assert ev.default_data("hellaswag") == tmp_path / "dev" / "hellaswag_val.jsonl.gz"
-    (tmp_path / "cache").mkdir()
-    (tmp_path / "cache" / "hellaswag_val.jsonl").write_text("{}\n")
-    assert ev.default_data("hellaswag") == tmp_path / "cache" / "hellaswag_val.jsonl"
+    monkeypatch.setattr(ed, "_download", offline)
+    for task in ("hellaswag", "lambada"):
+        with pytest.raises(UserError, match=f"cannot download the {task} data"):
+            ed.default_data(task)
+        with pytest.raises(UserError, match=f"cannot download the {task} data"):
+            ed.resolve_data(task, None)
 
 
 def test_run_level_argument_errors(run_dir, cli_files):
-    with pytest.raises(UserError, match="bf16"):
-        ev.evaluate_run(run_dir, ["mc"], {"mc": str(cli_files / "mc.jsonl")}, device="cpu", dtype="bf16")
+    with pytest.raises(UserError, match="unknown dtype 'fp16'; use fp32 or bf16"):
+        ev.evaluate_run(run_dir, ["mc"], {"mc": str(cli_files / "mc.jsonl")}, device="cpu", dtype="fp16")
     with pytest.raises(UserError, match="unknown task 'boolq'; choose from loss, hellaswag"):
         ev.evaluate_run(run_dir, ["boolq"])
     with pytest.raises(UserError, match="not among the tasks"):
@@ -465,6 +504,17 @@ def test_run_level_argument_errors(run_dir, cli_files):
     results = ev.evaluate_run(run_dir, ["loss"], {"loss": str(cli_files / "docs.jsonl")}, stride=BLOCK,
                               limit=2, device="cpu")
     assert results[0].metrics["n"] == 2 and results[0].metrics["stride"] == BLOCK
+
+
+def test_bf16_on_the_cpu(run_dir, cli_files):
+    mc = {"mc": str(cli_files / "mc.jsonl")}
+    (fp,) = ev.evaluate_run(run_dir, ["mc"], mc, limit=2, device="cpu", dtype="fp32")
+    (bf,) = ev.evaluate_run(run_dir, ["mc"], mc, limit=2, device="cpu", dtype="bf16")
+    assert bf.metrics["n"] == 2
+    fp_scores = [x for r in fp.records for x in r["scores"]]
+    bf_scores = [x for r in bf.records for x in r["scores"]]
+    assert bf_scores == pytest.approx(fp_scores, rel=0.05, abs=0.5)
+    assert bf_scores != fp_scores  # the scores really were computed in bf16
 
 
 def test_cli_data_flags():
@@ -499,10 +549,10 @@ def test_cli_several_tasks_output_and_predictions(cli_runs, cli_files, loaded):
     assert all(len(p["scores"]) == 4 and p["gold"] in range(4) for p in preds[:3])
     # the CLI's numbers are the library's
     model, tok = loaded
-    hs = ev.eval_multiple_choice(model, tok, ev.load_hellaswag(cli_files / "hs.jsonl.gz", 3), "hellaswag")
+    hs = ev.eval_multiple_choice(model, tok, ed.load_hellaswag(cli_files / "hs.jsonl.gz", 3), "hellaswag")
     assert [p["scores"] for p in preds[:3]] == [pytest.approx(r["scores"], abs=1e-5) for r in hs.records]
     assert by_task["hellaswag"]["acc_norm"] == hs.metrics["acc_norm"]
-    loss = ev.eval_loss(model, tok, ev.loss_documents(tok, str(cli_files / "docs.jsonl"), 3))
+    loss = ev.eval_loss(model, tok, ed.loss_documents(tok, str(cli_files / "docs.jsonl"), 3))
     assert by_task["loss"]["bpb"] == pytest.approx(loss.metrics["bpb"], rel=1e-5)
 
 
@@ -519,3 +569,145 @@ def test_cli_errors_are_one_line(cli_runs, case, expected):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert re.search(expected, lines[0]), lines[0]
+
+
+# ----------------------------------------------------------------------------- CLI, in this process
+
+
+def cli_main(argv, capsys, monkeypatch) -> tuple[int, str, str]:
+    """`gpt2lab eval ARGV` in this process: (exit status, stdout, stderr)."""
+    from gpt2lab.cli import main
+
+    monkeypatch.delenv("GPT2LAB_DEBUG", raising=False)  # it turns one-line errors into tracebacks
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", *(str(a) for a in argv)])
+    out, err = capsys.readouterr()
+    return exc.value.code, out, err
+
+
+def error_line(result) -> str:
+    code, _out, err = result
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def listing(directory: Path) -> dict[str, bytes | None]:
+    """Every path under a directory (hidden ones too), with the bytes of each file."""
+    return {str(p.relative_to(directory)): (p.read_bytes() if p.is_file() else None)
+            for p in sorted(directory.rglob("*"))}
+
+
+@pytest.fixture
+def no_evaluation(monkeypatch):
+    """evaluate_run, made to fail the test if a refused command ever reaches it."""
+    calls = []
+
+    def evaluate_run(*args, **kwargs):
+        calls.append(args)
+        raise AssertionError("the evaluation started")
+
+    monkeypatch.setattr(ev, "evaluate_run", evaluate_run)
+    return calls
+
+
+@pytest.mark.parametrize("flag", ["--output", "--predictions"])
+def test_cli_refuses_an_output_it_must_not_replace(flag, run_dir, cli_files, tmp_path, capsys, monkeypatch,
+                                                   no_evaluation):
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes((run_dir / "model.safetensors").read_bytes())
+    config = tmp_path / "config.json"
+    config.write_text((run_dir / "config.json").read_text())
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "nodir").write_text("a file")
+    # the other kind of eval output is not replaced either
+    other = tmp_path / ("pred.jsonl" if flag == "--output" else "metrics.json")
+    if flag == "--output":
+        other.write_text(json.dumps({"task": "mc", "index": 0}) + "\n")
+    else:
+        other.write_text(json.dumps([{"task": "mc", "n": 1}]))
+    cases = [
+        (run_dir / "model.safetensors", "lies inside the input"),
+        (weights, "exists and is not gpt2lab eval"),
+        (config, "exists and is not gpt2lab eval"),
+        (other, "exists and is not gpt2lab eval"),
+        (tmp_path / "adir", "is a directory"),
+        (tmp_path / "nodir" / "x.json", "is a file, not a directory"),
+        (cli_files / "mc.jsonl", "is the input"),
+    ]
+    run_before, tmp_before, mc_before = listing(run_dir), listing(tmp_path), (cli_files / "mc.jsonl").read_bytes()
+    for target, words in cases:
+        line = error_line(cli_main([run_dir, "--task", "mc", "--data", cli_files / "mc.jsonl", flag, target,
+                                    "--quiet", "--device", "cpu"], capsys, monkeypatch))
+        assert line.startswith(f"error: {flag} {target}") and words in line, line
+    assert no_evaluation == []
+    assert listing(run_dir) == run_before and listing(tmp_path) == tmp_before  # no temporary file either
+    assert (cli_files / "mc.jsonl").read_bytes() == mc_before
+
+
+def test_cli_replaces_earlier_eval_outputs(run_dir, cli_files, tmp_path, capsys, monkeypatch):
+    out, pred = tmp_path / "metrics.json", tmp_path / "pred.jsonl"
+    out.write_text(json.dumps([{"task": "lambada", "n": 99, "acc": 0.0}]))
+    pred.write_text(json.dumps({"task": "lambada", "index": 0}) + "\n")
+    code, stdout, err = cli_main([run_dir, "--task", "mc", "--data", cli_files / "mc.jsonl", "--limit", "2",
+                                  "--output", out, "--predictions", pred, "--quiet", "--device", "cpu"],
+                                 capsys, monkeypatch)
+    assert code == 0, err
+    assert "acc_norm" in stdout
+    (metrics,) = json.loads(out.read_text())
+    assert metrics["task"] == "mc" and metrics["n"] == 2
+    preds = [json.loads(line) for line in pred.read_text().splitlines()]
+    assert [(p["task"], p["index"]) for p in preds] == [("mc", 0), ("mc", 1)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "pred.jsonl"]
+
+
+def test_cli_outputs_in_a_new_directory(run_dir, cli_files, tmp_path, capsys, monkeypatch):
+    out, pred = tmp_path / "results" / "a" / "metrics.json", tmp_path / "results" / "b" / "pred.jsonl"
+    code, _stdout, err = cli_main([run_dir, "--task", "mc", "--data", cli_files / "mc.jsonl", "--limit", "1",
+                                   "--output", out, "--predictions", pred, "--quiet", "--device", "cpu"],
+                                  capsys, monkeypatch)
+    assert code == 0, err
+    assert json.loads(out.read_text())[0]["n"] == 1 and json.loads(pred.read_text())["task"] == "mc"
+
+
+def test_cli_binary_data_is_one_error(run_dir, tmp_path, capsys, monkeypatch):
+    binary = tmp_path / "data.jsonl"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe\x80 binary")
+    not_gzip = tmp_path / "data.jsonl.gz"
+    not_gzip.write_bytes(b"\x00\xff\xfe\x80 binary, not gzip")
+    cases = [(binary, "not UTF-8 text"), (not_gzip, "not a readable gzip file"),
+             (run_dir / "model.safetensors", "")]
+    for task in ("mc", "hellaswag", "lambada"):
+        for path, words in cases:
+            line = error_line(cli_main([run_dir, "--task", task, "--data", path, "--quiet", "--device", "cpu"],
+                                       capsys, monkeypatch))
+            assert str(path) in line and words in line, line
+
+
+def test_cli_loss_data_with_ids_outside_the_vocabulary(run_dir, cli_files, tmp_path, capsys, monkeypatch):
+    from gpt2lab.data import HEADER_BYTES, read_meta
+
+    vocab = load_run(run_dir)[0].config.vocab_size
+    bad = tmp_path / "data"
+    bad.mkdir()
+    for p in (cli_files / "data").iterdir():
+        (bad / p.name).write_bytes(p.read_bytes())
+    meta = read_meta(bad)
+    assert meta["dtype"] == "uint16"
+    shard = bad / meta["splits"]["val"]["shards"][0]
+    raw = bytearray(shard.read_bytes())
+    for bad_id in (vocab, 60000):  # the first id past the vocabulary, and one far past it
+        raw[HEADER_BYTES + 10:HEADER_BYTES + 12] = bad_id.to_bytes(2, "little")
+        shard.write_bytes(bytes(raw))
+        line = error_line(cli_main([run_dir, "--task", "loss", "--data", bad, "--quiet", "--device", "cpu"],
+                                   capsys, monkeypatch))
+        assert f"token id {bad_id}, outside the model's vocabulary of {vocab}" in line, line
+        with pytest.raises(UserError, match=f"token id {bad_id}"):
+            ed.loss_documents(load_run(run_dir)[1], str(bad), vocab_size=vocab)
+    raw[HEADER_BYTES + 10:HEADER_BYTES + 12] = (vocab - 1).to_bytes(2, "little")  # the last id is fine
+    shard.write_bytes(bytes(raw))
+    code, out, err = cli_main([run_dir, "--task", "loss", "--data", bad, "--quiet", "--device", "cpu"], capsys,
+                              monkeypatch)
+    assert code == 0, err

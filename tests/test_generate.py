@@ -21,16 +21,17 @@ import gpt2lab
 import gpt2lab.generate as gen
 from gpt2lab.checkpoint import save_weights, write_run_config
 from gpt2lab.generate import (
+    LeftPadding,
     StreamDecoder,
     check_settings,
     generate,
     generate_batch,
     sample_next,
     stream,
-    stream_text,
+    stream_answer,
 )
 from gpt2lab.model import GPT, GPTConfig, KVCache
-from gpt2lab.templates import ALPACA
+from gpt2lab.templates import encode_messages, get_format
 
 VOCAB, BLOCK = 97, 32
 
@@ -111,7 +112,7 @@ def test_cache_logits_equal_full_recompute_at_every_step(model):
             assert last.shape == (2, 1, VOCAB)
             assert_close(last[:, 0], full[:, pos + size - 1], atol=1e-5)
             pos += size
-            pointers.add((cache.k.data_ptr(), cache.v.data_ptr()))
+            pointers.add(tuple(t.data_ptr() for layer in cache.layers for t in layer))
     assert pos == 30 and cache.pos == 30
     assert len(pointers) == 1  # preallocated: the buffers never move
 
@@ -132,10 +133,15 @@ def test_left_padded_cache_rows_equal_each_prompt_alone(model):
     pad = torch.tensor([longest - len(p) for p in prompts])
     ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
     more = torch.tensor([[20, 21], [22, 23], [24, 25]])
+    padding = LeftPadding(pad, longest + 2)
     with torch.no_grad():
-        cache = KVCache(model.config, 3, pad=pad)
-        first = model(ids, kv_cache=cache)
-        steps = [model(more[:, i:i + 1], kv_cache=cache) for i in range(2)]
+        cache = KVCache(model.config, 3)
+        positions, mask = padding.inputs(0, longest)
+        first = model(ids, kv_cache=cache, positions=positions, mask=mask)
+        steps = []
+        for i in range(2):
+            positions, mask = padding.inputs(longest + i, 1)
+            steps.append(model(more[:, i:i + 1], kv_cache=cache, positions=positions, mask=mask))
         for b, p in enumerate(prompts):
             alone = model(torch.tensor([p + more[b].tolist()]))[0]
             assert_close(first[b, pad[b]:], alone[:len(p)], atol=1e-5)
@@ -143,33 +149,17 @@ def test_left_padded_cache_rows_equal_each_prompt_alone(model):
                 assert_close(steps[i][b, 0], alone[len(p) + i], atol=1e-5)
 
 
-@pytest.mark.parametrize("mkl", [True, False], ids=["mkl-packed", "transposed"])
-def test_cpu_decoding_step_equals_full_recompute(model, monkeypatch, mkl):
-    """The decoding step generate uses on the CPU (weights laid out for it) against the model."""
-    if mkl and not gen._mkl_packing():
-        pytest.skip("this torch has no MKL")
-    monkeypatch.setattr(gen, "_mkl_packing", lambda: mkl)
-    gen._DECODE_WEIGHTS.pop(model, None)
-    prompts = [[3, 1, 4, 1, 5], [9, 2], [6, 5, 3, 5]]
-    longest = max(map(len, prompts))
-    pad = torch.tensor([longest - len(p) for p in prompts])
-    with torch.inference_mode():
-        for batch in (prompts[:1], prompts):
-            rows = [list(p) for p in batch]
-            k = longest if len(batch) > 1 else len(batch[0])
-            ids = torch.tensor([[0] * (k - len(p)) + p for p in batch])
-            cache = KVCache(model.config, len(batch), pad=pad if len(batch) > 1 else None)
-            model(ids, kv_cache=cache)
-            step = gen._DecodeStep(model, len(batch))
-            token = torch.tensor([7, 8, 9][:len(batch)])
-            for _ in range(6):
-                logits = step(token, cache)
-                for b, row in enumerate(rows):
-                    row.append(int(token[b]))
-                    full = model(torch.tensor([row]))[0, -1]
-                    assert_close(logits[b], full, atol=1e-5)
-                token = logits.argmax(-1)
-    gen._DECODE_WEIGHTS.pop(model, None)
+def test_cache_buffers_follow_what_attention_stores(model):
+    """The cache only stores: its buffers take the shape of what each layer writes."""
+    cache = KVCache(model.config, 2, max_len=16)
+    with torch.no_grad():
+        model(torch.zeros(2, 5, dtype=torch.long), kv_cache=cache)
+    c = model.config
+    for layer in cache.layers:
+        assert [tuple(t.shape) for t in layer] == [(2, c.n_head, 16, c.head_dim)] * 2
+    assert cache.pos == 5
+    cache.reset()
+    assert cache.pos == 0 and cache.layers[0] is not None
 
 
 def test_decoding_step_sees_changed_weights(model):
@@ -463,7 +453,7 @@ def test_stream_decoder_equals_decode_on_any_ids(gpt2_tok):
 
 
 def fake_stream(monkeypatch, tok, pieces: list[str]):
-    """Make stream_text's generator produce exactly these pieces, one token list each."""
+    """Make stream_answer's generator produce exactly these pieces, one token list each."""
     ids = [i for p in pieces for i in tok.encode(p)]
 
     def fake(*args, **kwargs):
@@ -472,21 +462,21 @@ def fake_stream(monkeypatch, tok, pieces: list[str]):
     monkeypatch.setattr(gen, "stream", fake)
 
 
-def test_stream_text_stops_at_a_stop_string_across_tokens(monkeypatch, gpt2_tok):
+def test_stream_answer_stops_at_a_stop_string_across_tokens(monkeypatch, gpt2_tok):
     fake_stream(monkeypatch, gpt2_tok, ["The answer", " is", " 42", ".\n", "##", "# Instruction", " more"])
-    pieces = list(stream_text(None, gpt2_tok, "q", stop=["\n### "]))
+    pieces = list(stream_answer(None, gpt2_tok, "q", stop=["\n### "]))
     assert "".join(pieces) == "The answer is 42."
     assert not any("#" in p or "\n" in p for p in pieces)
     # streaming: the text came in more than one piece, as it was produced
     assert len(pieces) >= 3
 
 
-def test_stream_text_releases_what_only_looked_like_a_stop(monkeypatch, gpt2_tok):
+def test_stream_answer_releases_what_only_looked_like_a_stop(monkeypatch, gpt2_tok):
     fake_stream(monkeypatch, gpt2_tok, ["one", " ##", " two", " #"])
-    assert "".join(stream_text(None, gpt2_tok, "q", stop=["###"])) == "one ## two #"
+    assert "".join(stream_answer(None, gpt2_tok, "q", stop=["###"])) == "one ## two #"
     fake_stream(monkeypatch, gpt2_tok, ["Hello", " wor", "ld"])
-    assert "".join(stream_text(None, gpt2_tok, "q", stop=["world"])) == "Hello "
-    assert "".join(stream_text(None, gpt2_tok, "q")) == "Hello world"
+    assert "".join(stream_answer(None, gpt2_tok, "q", stop=["world"])) == "Hello "
+    assert "".join(stream_answer(None, gpt2_tok, "q")) == "Hello world"
 
 
 # ---------------------------------------------------------------------- run dirs and commands
@@ -520,6 +510,21 @@ def alpaca_run_dir(run_dir, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def chat_run_dir(tmp_path_factory):
+    """A run dir in the "chat" format with a context of 256 tokens: room for a few turns."""
+    from gpt2lab.tokenizer.train import train_bpe_from_texts
+
+    tok = train_bpe_from_texts([TEXT], 300, name="tiny")
+    out = tmp_path_factory.mktemp("gen") / "chat"
+    out.mkdir()
+    model = lively(vocab_size=tok.vocab_size, block_size=256)
+    write_run_config(out, model.config, tokenizer_identity=tok.identity(), extra={"template": "chat"})
+    save_weights(model, out / "model.safetensors")
+    tok.save(out)
+    return out
+
+
 def test_load_round_trip(run_dir):
     from gpt2lab.tokenizer import load_tokenizer_file
 
@@ -535,10 +540,10 @@ def test_load_round_trip(run_dir):
         assert_close(model(ids), reference(ids), atol=0)
 
 
-def test_stream_text_with_a_model_is_its_generate(run_dir):
+def test_stream_answer_with_a_model_is_its_generate(run_dir):
     model, tok = gpt2lab.load(run_dir)
     ids = generate(model, tok.encode("Hello"), 15, temperature=0, eot_id=tok.eot_id)
-    assert "".join(stream_text(model, tok, "Hello", 15, temperature=0)) == tok.decode(ids)
+    assert "".join(stream_answer(model, tok, "Hello", 15, temperature=0)) == tok.decode(ids)
 
 
 # The command tests run `gpt2lab ...` in processes forked from one server process that has
@@ -616,7 +621,7 @@ GREEDY = ["--temperature", "0", "--max-new-tokens", "12", "--device", "cpu"]
 
 def test_generate_command_streams_the_continuation(gpt2lab_cmd, run_dir, tmp_path):
     model, tok = gpt2lab.load(run_dir)
-    expected = "".join(stream_text(model, tok, "Hello world", 12, temperature=0))
+    expected = "".join(stream_answer(model, tok, "Hello world", 12, temperature=0))
     r = gpt2lab_cmd("generate", run_dir, "--prompt", "Hello world", *GREEDY)
     assert (r.returncode, r.stderr) == (0, "")
     assert r.stdout == "Hello world" + expected + "\n"
@@ -657,7 +662,7 @@ def test_generate_command_is_a_real_program(run_dir):
 
 def test_chat_once_answers_and_exits(gpt2lab_cmd, run_dir):
     model, tok = gpt2lab.load(run_dir)
-    expected = "".join(stream_text(model, tok, "Hello", 12, temperature=0))
+    expected = "".join(stream_answer(model, tok, "Hello", 12, temperature=0))
     r = gpt2lab_cmd("chat", run_dir, "-p", "Hello", *GREEDY)
     assert (r.returncode, r.stdout, r.stderr) == (0, expected + "\n", "")
 
@@ -671,13 +676,17 @@ def test_chat_session_clear_and_quit(gpt2lab_cmd, run_dir):
     assert r.returncode == 0 and r.stdout.count("> ") == 2
 
 
+def alpaca_prompt(tok, text: str) -> list[int]:
+    return encode_messages(tok, [{"role": "user", "content": text}], "alpaca", add_generation_prompt=True)[0]
+
+
 def test_chat_with_alpaca_template_prints_only_the_answer(gpt2lab_cmd, alpaca_run_dir):
     r = gpt2lab_cmd("chat", alpaca_run_dir, "-p", "Name a color.", *GREEDY)
     assert r.returncode == 0, r.stderr
     assert "Instruction" not in r.stdout and "Below is" not in r.stdout
     model, tok = gpt2lab.load(alpaca_run_dir)
-    expected = "".join(stream_text(model, tok, ALPACA.render("Name a color."), 12, temperature=0,
-                                   stop=ALPACA.stop))
+    expected = "".join(stream_answer(model, tok, alpaca_prompt(tok, "Name a color."), 12, temperature=0,
+                                     stop=get_format("alpaca").stop))
     assert r.stdout == expected + "\n"
 
 
@@ -692,36 +701,83 @@ def run_cli_in_process(monkeypatch, capsys, argv: list[str], stdin: str = "") ->
     return e.value.code, capsys.readouterr().out
 
 
-def recording_stream_text(monkeypatch, answers):
-    """Replace the text generator: record each prompt and stop strings, answer from `answers`."""
+def recording_stream_answer(monkeypatch, answers):
+    """Replace the text generator: record each prompt (ids or text) and stop strings, answer from `answers`."""
     calls = []
 
     def fake(model, tok, prompt, *args, stop=(), **kwargs):
         calls.append((prompt, tuple(stop)))
         yield from answers[len(calls) - 1]
 
-    monkeypatch.setattr(gen, "stream_text", fake)
+    monkeypatch.setattr(gen, "stream_answer", fake)
     return calls
 
 
 def test_chat_puts_the_question_in_the_template(monkeypatch, capsys, alpaca_run_dir):
-    calls = recording_stream_text(monkeypatch, [["Blue", "."]])
+    calls = recording_stream_answer(monkeypatch, [["Blue", "."]])
     code, out = run_cli_in_process(monkeypatch, capsys, ["chat", alpaca_run_dir, "-p", "Name a color."])
     assert code == 0 and out == "Blue.\n"
-    assert calls == [(ALPACA.render("Name a color."), ALPACA.stop)]
-    assert "### Instruction:\nName a color.\n\n### Response:\n" in calls[0][0]
+    _, tok = gpt2lab.load(alpaca_run_dir)
+    assert calls == [(alpaca_prompt(tok, "Name a color."), get_format("alpaca").stop)]
+    assert "### Instruction:\nName a color.\n\n### Response:\n" in tok.decode(calls[0][0])
+
+
+def test_chat_p_understands_newlines_and_tabs(monkeypatch, capsys, alpaca_run_dir):
+    calls = recording_stream_answer(monkeypatch, [["ok"]])
+    code, _ = run_cli_in_process(monkeypatch, capsys, ["chat", alpaca_run_dir, "-p", "Spell it.\\n\\tgarden"])
+    assert code == 0
+    _, tok = gpt2lab.load(alpaca_run_dir)
+    assert "### Instruction:\nSpell it.\n\tgarden\n\n" in tok.decode(calls[0][0])
+    assert "\\n" not in tok.decode(calls[0][0])
 
 
 def test_chat_base_model_continues_the_history_until_cleared(monkeypatch, capsys, run_dir):
-    calls = recording_stream_text(monkeypatch, [[" one"], [" two"], [" three"]])
+    calls = recording_stream_answer(monkeypatch, [[" one"], [" two"], [" three"]])
     code, out = run_cli_in_process(monkeypatch, capsys, ["chat", run_dir], stdin="a\nb\n/clear\nc\n")
     assert code == 0
-    assert [prompt for prompt, _ in calls] == ["a", "a one\nb", "c"]
+    _, tok = gpt2lab.load(run_dir)
+    assert [tok.decode(prompt) for prompt, _ in calls] == ["a", "a one\nb", "c"]
     assert " one\n" in out and " two\n" in out and "(history cleared)" in out
 
 
+def chat_prompt(tok, messages) -> list[int]:
+    return encode_messages(tok, messages, "chat", add_generation_prompt=True)[0]
+
+
+def test_chat_instruction_model_keeps_the_conversation(monkeypatch, capsys, chat_run_dir):
+    calls = recording_stream_answer(monkeypatch, [["Blue"], ["Red"], ["Green"]])
+    code, _ = run_cli_in_process(monkeypatch, capsys, ["chat", chat_run_dir, "--max-new-tokens", "20"],
+                                 stdin="First color?\nSecond color?\n/clear\nThird?\n")
+    assert code == 0
+    _, tok = gpt2lab.load(chat_run_dir)
+    first = [{"role": "user", "content": "First color?"}]
+    history = first + [{"role": "assistant", "content": "Blue"}, {"role": "user", "content": "Second color?"}]
+    assert calls[0][0] == chat_prompt(tok, first)
+    assert calls[1][0] == chat_prompt(tok, history)
+    second = tok.decode(calls[1][0])
+    assert second == ("### User:\nFirst color?\n\n### Assistant:\nBlue<|endoftext|>\n\n"
+                      "### User:\nSecond color?\n\n### Assistant:\n")
+    assert calls[2][0] == chat_prompt(tok, [{"role": "user", "content": "Third?"}])  # /clear forgot the rest
+
+
+def test_chat_drops_the_oldest_turns_when_the_context_fills(monkeypatch, capsys, chat_run_dir):
+    long = "word " * 10
+    calls = recording_stream_answer(monkeypatch, [[f"answer {i}"] for i in range(8)])
+    questions = "".join(f"{long}{i}\n" for i in range(8))
+    code, _ = run_cli_in_process(monkeypatch, capsys, ["chat", chat_run_dir, "--max-new-tokens", "16"],
+                                 stdin=questions)
+    assert code == 0 and len(calls) == 8
+    _, tok = gpt2lab.load(chat_run_dir)
+    assert all(len(ids) <= 256 - 16 for ids, _ in calls)
+    assert len(calls[1][0]) > len(calls[0][0])  # the second prompt still holds the first exchange
+    last = tok.decode(calls[-1][0])
+    assert f"{long}7" in last and f"{long}0\n" not in last  # the newest question kept, the oldest gone
+    assert last.startswith("### User:\n")  # turns are dropped whole
+
+
 def test_generate_with_a_template_shows_only_the_answer(monkeypatch, capsys, alpaca_run_dir):
-    calls = recording_stream_text(monkeypatch, [["Red"]])
+    calls = recording_stream_answer(monkeypatch, [["Red"]])
     code, out = run_cli_in_process(monkeypatch, capsys, ["generate", alpaca_run_dir, "--prompt", "Color?"])
     assert (code, out) == (0, "Red\n")
-    assert calls[0][0] == ALPACA.render("Color?") and "\n### " in calls[0][1]
+    _, tok = gpt2lab.load(alpaca_run_dir)
+    assert calls[0][0] == alpaca_prompt(tok, "Color?") and "\n### " in calls[0][1]

@@ -199,7 +199,7 @@ def test_import_refuses_pickle_that_runs_code(tmp_path):
     (src / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1, "n_head": 2,
                                                  "n_embd": 8, "n_positions": 8, "vocab_size": 50257}))
     torch.save({"wte.weight": torch.zeros(2, 2), "evil": Payload()}, src / "pytorch_model.bin")
-    with pytest.raises(UserError, match="weights_only"):
+    with pytest.raises(UserError, match="tensors only"):
         import_hf(src, tmp_path / "run")
     assert not marker.exists()
     assert not (tmp_path / "run").exists()
@@ -270,7 +270,7 @@ def test_export_of_a_model_trained_here_loads_in_transformers(tfm, tmp_path, tra
     out = export_hf(run, tmp_path / "hf")
     assert {p.name for p in out.iterdir()} == {
         "config.json", "generation_config.json", "model.safetensors", "vocab.json", "merges.txt",
-        "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
+        "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "gpt2lab-export.json"}
     assert not list(tmp_path.glob(".hf*"))  # the staging directory is gone
 
     hf = tfm.GPT2LMHeadModel.from_pretrained(out).eval()
@@ -333,22 +333,100 @@ def test_export_refuses_what_gpt2_cannot_express(tmp_path, trained_tok):
 
 
 def test_output_directories_are_replaced_only_when_asked(tmp_path, trained_tok):
+    """--overwrite replaces only an export gpt2lab made; never a directory it did not write, the run it
+    exports, a directory that holds the run, or the source of an import."""
     cfg = GPTConfig(vocab_size=trained_tok.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16)
-    run = write_run(tmp_path / "run", GPT(cfg), trained_tok)
+    run = write_run(tmp_path / "runs" / "run", GPT(cfg), trained_tok)
     out = tmp_path / "hf"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
+    for overwrite in (False, True):
+        with pytest.raises(UserError, match="did not write"):
+            export_hf(run, out, overwrite=overwrite)
+    assert (out / "keep.txt").read_text() == "precious"
+    (out / "keep.txt").unlink()
+    export_hf(run, out)  # an empty directory may be written
     with pytest.raises(UserError, match="--overwrite"):
         export_hf(run, out)
-    assert (out / "keep.txt").read_text() == "precious"
-    export_hf(run, out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
-    with pytest.raises(UserError, match="--overwrite"):
-        import_hf(out, run)
-    with pytest.raises(UserError, match="run directory itself"):
+    export_hf(run, out, overwrite=True)  # an export made here is replaced
+    assert (out / "model.safetensors").is_file()
+    with pytest.raises(UserError, match="is the input"):
         export_hf(run, run, overwrite=True)
-    assert (run / "config.json").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "run"]  # nothing half-written left
+    with pytest.raises(UserError, match="holds the input"):
+        export_hf(run, tmp_path / "runs", overwrite=True)  # the parent of the run: it would be deleted
+    with pytest.raises(UserError, match="lies inside the input"):
+        export_hf(run, run / "hf", overwrite=True)
+    with pytest.raises(UserError, match="--overwrite|not a gpt2lab run"):
+        import_hf(out, run)
+    with pytest.raises(UserError):
+        import_hf(out, out, overwrite=True)  # its own source
+    assert (run / "config.json").is_file() and (run / "model.safetensors").is_file()
+    assert (out / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "runs"]  # nothing half-written left
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["run"]
+
+
+def test_a_lora_run_exports_its_merged_weights(tfm, tmp_path, trained_tok):
+    """transformers' logits of an exported LoRA run equal the run's own (the adapters merged), not the base's."""
+    from gpt2lab.checkpoint import load_run
+    from gpt2lab.finetune.lora import apply_lora, save_lora
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=trained_tok.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=32)
+    base = GPT(cfg)
+    run = write_run(tmp_path / "lora", base, trained_tok)
+    apply_lora(base, rank=4, alpha=8.0)
+    with torch.no_grad():
+        for name, p in base.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0, 0.2)  # as if trained: the adapters change the output
+    save_lora(base, run / "lora.safetensors")
+    config = json.loads((run / "config.json").read_text())
+    config["lora"] = {"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": ["c_attn", "c_proj", "c_fc"]}
+    (run / "config.json").write_text(json.dumps(config))
+    export_hf(run, tmp_path / "hf")
+    hf = tfm.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    ours, _ = load_run(run)
+    unmerged = GPT(cfg).eval()
+    unmerged.load_state_dict({k: v for k, v in base.state_dict().items() if "lora_" not in k}, strict=False)
+    ids = torch.randint(0, cfg.vocab_size, (2, 20))
+    with torch.no_grad():
+        theirs, mine, plain = hf(ids).logits, ours(ids), unmerged(ids)
+    assert (theirs - mine).abs().max() < 1e-4
+    assert (theirs - plain).abs().max() > 1e-2  # the adapters are in the export
+
+
+def test_a_classifier_exports_as_sequence_classification(tfm, tmp_path, trained_tok):
+    """GPT2ForSequenceClassification's probabilities equal `gpt2lab classify`'s; the head's bias lives in the
+    final LayerNorm's bias, since transformers' head has none."""
+    from gpt2lab.checkpoint import load_run, save_weights, write_run_config
+    from gpt2lab.finetune.classify import classify_texts
+    from gpt2lab.model import GPTClassifier
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=trained_tok.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=32)
+    clf = GPTClassifier(cfg, 3)
+    with torch.no_grad():
+        clf.score.bias.copy_(torch.tensor([0.7, -1.2, 0.3]))
+        clf.score.weight.normal_(0, 0.5)
+    run = tmp_path / "clf"
+    run.mkdir()
+    save_weights(clf, run / "model.safetensors")
+    trained_tok.save(run)
+    head = {"type": "linear", "pooling": "last_token", "num_classes": 3, "max_length": 32,
+            "pad_id": trained_tok.eot_id, "weights": ["score.weight", "score.bias"]}
+    write_run_config(run, cfg, tokenizer_identity=trained_tok.identity(), kind="classifier", task="classify",
+                     extra={"labels": ["a", "b", "c"], "head": head})
+    export_hf(run, tmp_path / "hf")
+    hf = tfm.GPT2ForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    assert hf.config.id2label == {0: "a", 1: "b", 2: "c"}
+    model, tok = load_run(run, kind="classifier")
+    texts = ["hello there", "a longer text, with more words in it", "x"]
+    rows = classify_texts(model, tok, ["a", "b", "c"], head, texts)
+    for text, row in zip(texts, rows):
+        with torch.no_grad():
+            probs = hf(torch.tensor([tok.encode(text)])).logits.softmax(-1)[0]
+        assert [row["probs"][k] for k in "abc"] == pytest.approx(probs.tolist(), abs=1e-5)
 
 
 # ------------------------------------------------------------------------------------ CLI
@@ -365,6 +443,8 @@ def test_cli_import_then_export(tfm, tmp_path):
     r = cli("export-hf", tmp_path / "run", "--out", tmp_path / "hf")
     assert r.returncode == 2 and r.stderr.count("\n") == 1
     assert r.stderr.startswith("error: ") and "--overwrite" in r.stderr
+    r = cli("export-hf", tmp_path / "run", "--out", tmp_path, "--overwrite")  # the parent of the run
+    assert r.returncode == 2 and "holds the input" in r.stderr and (tmp_path / "run" / "config.json").is_file()
 
 
 def test_cli_hub_id_offline(tmp_path):

@@ -18,15 +18,12 @@ from gpt2lab.finetune.lora import (
     LoRALinear,
     apply_lora,
     load_lora,
-    load_lora_run,
     lora_layers,
     lora_state_dict,
     merge_lora,
-    merge_lora_run,
     save_lora,
-    save_lora_run_weights,
 )
-from gpt2lab.model import GPT, GPTConfig
+from gpt2lab.model import GPT, GPTConfig, unique_state_dict
 from gpt2lab.optim import make_optimizer
 from gpt2lab.train import lm_loss
 
@@ -42,9 +39,9 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def base_model(seed: int = 0) -> GPT:
+def base_model(seed: int = 0, config: GPTConfig = CFG) -> GPT:
     torch.manual_seed(seed)
-    return GPT(CFG).eval()
+    return GPT(config).eval()
 
 
 def tokens(seed: int = 1, B: int = 3, T: int = 12) -> torch.Tensor:
@@ -158,31 +155,38 @@ def test_lora_file_round_trips(tmp_path):
 
 
 def lora_run_dir(path, tok_texts=("hello world", "a tiny tokenizer")):
-    """A run dir as LoRA training writes it: the base weights, lora.safetensors, "lora" in config.json."""
+    """A run dir as LoRA training writes it: the base weights, lora.safetensors, "lora" in config.json.
+    The model's vocabulary is the tokenizer's (a run dir's tokenizer must fit its model)."""
     from gpt2lab.tokenizer.train import train_bpe_from_texts
 
     tok = train_bpe_from_texts(list(tok_texts), 260, name="t")
-    model = apply_lora(base_model(), rank=4, alpha=8, targets=("c_attn", "mlp"))
+    config = GPTConfig(**{**CFG.to_dict(), "vocab_size": tok.vocab_size})
+    model = apply_lora(base_model(config=config), rank=4, alpha=8, targets=("c_attn", "mlp"))
     randomize_adapters(model)
     path.mkdir()
     tok.save(path)
-    save_lora_run_weights(model, path)
-    ckpt.write_run_config(path, CFG, tokenizer_identity=tok.identity(), extra={"lora": model.lora_settings})
+    ckpt.save_weights(model, path / ckpt.WEIGHTS_FILE, exclude_lora=True)
+    save_lora(model, path / LORA_FILE)
+    ckpt.write_run_config(path, config, tokenizer_identity=tok.identity(), extra={"lora": model.lora_settings})
     return model.eval()
 
 
 def test_lora_run_dir_loads_and_merges(tmp_path, capsys):
     trained = lora_run_dir(tmp_path / "run")
+    config = trained.config
     stored = load_file(str(tmp_path / "run" / ckpt.WEIGHTS_FILE))
-    base = base_model()
-    assert all(torch.equal(stored[k], v) for k, v in base.state_dict().items() if k not in ckpt.TIED)
+    base = base_model(config=config)
+    # model.safetensors is the untouched base, each tensor once (the tied LM head is the embedding)
+    assert set(stored) == set(unique_state_dict(base))
+    assert all(torch.equal(stored[k], v) for k, v in unique_state_dict(base).items())
     idx = tokens()
     expected = trained(idx)
-    model, _ = load_lora_run(tmp_path / "run")
-    assert len(lora_layers(model)) == 3 * CFG.n_layer
+    assert not torch.allclose(expected, base(idx), atol=1e-3)  # the adapters do something
+    model, _ = ckpt.load_run(tmp_path / "run", merge_lora=False)
+    assert len(lora_layers(model)) == 3 * config.n_layer
     torch.testing.assert_close(model(idx), expected, atol=0, rtol=0)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == set(lora_state_dict(model))
-    merged, _ = load_lora_run(tmp_path / "run", merge=True)
+    merged, _ = ckpt.load_run(tmp_path / "run")  # merged by default
     assert not lora_layers(merged) and all(p.requires_grad for p in merged.parameters())
     torch.testing.assert_close(merged(idx), expected, atol=1e-5, rtol=0)
 
@@ -192,15 +196,73 @@ def test_lora_run_dir_loads_and_merges(tmp_path, capsys):
     assert e.value.code == 0
     assert not (tmp_path / "merged" / LORA_FILE).exists()
     assert "lora" not in ckpt.read_run_config(tmp_path / "merged")
+    assert ckpt.read_run_config(tmp_path / "merged")["merged_lora"]["rank"] == 4
     merged, _ = ckpt.load_run(tmp_path / "merged")
     torch.testing.assert_close(merged(idx), expected, atol=1e-5, rtol=0)
 
-    with pytest.raises(UserError, match="already holds a run"):
-        merge_lora_run(tmp_path / "run", tmp_path / "merged")
+    with pytest.raises(UserError, match="already holds a gpt2lab run dir"):
+        ckpt.write_merged_run(tmp_path / "run", tmp_path / "merged")
     with pytest.raises(UserError, match="no LoRA adapters"):
-        merge_lora_run(tmp_path / "merged", tmp_path / "again")
+        ckpt.write_merged_run(tmp_path / "merged", tmp_path / "again")
+    assert not (tmp_path / "again").exists()
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         cli_main(["merge-lora", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
+    assert not (tmp_path / "x").exists()
+
+
+def _merge_error(capsys, argv) -> str:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli_main(["merge-lora", *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def _tree(path) -> dict:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_merge_lora_refuses_outputs_it_must_not_replace(tmp_path, capsys):
+    run = tmp_path / "run"
+    trained = lora_run_dir(run)
+    run_files = _tree(run)
+
+    # a non-empty directory gpt2lab did not write: never replaced, with or without --overwrite
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    for extra in ([], ["--overwrite"]):
+        err = _merge_error(capsys, [str(run), "--out", str(mine), *extra])
+        assert str(mine) in err and "did not write" in err
+        assert _tree(mine) == {"notes.txt": b"keep me"}
+
+    # the LoRA run itself, or a directory inside it: refused, even with --overwrite
+    for out in (run / "merged", run):
+        for extra in ([], ["--overwrite"]):
+            err = _merge_error(capsys, [str(run), "--out", str(out), *extra])
+            assert str(out) in err and str(run) in err
+    assert not (run / "merged").exists() and _tree(run) == run_files
+
+    # --overwrite replaces an earlier merged run; without it, an earlier merged run is kept
+    out = tmp_path / "merged"
+    with pytest.raises(SystemExit) as e:
+        cli_main(["merge-lora", str(run), "--out", str(out)])
+    assert e.value.code == 0
+    (out / "stale.txt").write_text("from the earlier merge")
+    earlier = _tree(out)
+    err = _merge_error(capsys, [str(run), "--out", str(out)])
+    assert "--overwrite" in err and _tree(out) == earlier
+    with pytest.raises(SystemExit) as e:
+        cli_main(["merge-lora", str(run), "--out", str(out), "--overwrite"])
+    assert e.value.code == 0
+    assert not (out / "stale.txt").exists()  # replaced as a whole, not written over
+    assert sorted(p.name for p in out.iterdir()) == sorted(["config.json", "model.safetensors", "tokenizer.json"])
+    merged, _ = ckpt.load_run(out)
+    idx = tokens()
+    torch.testing.assert_close(merged(idx), trained(idx), atol=1e-5, rtol=0)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary dirs left behind
+    assert _tree(run) == run_files

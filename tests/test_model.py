@@ -149,3 +149,38 @@ def test_logits_equal_hugging_face_gpt2():
     idx = torch.randint(0, 300, (2, 32))
     with torch.no_grad():
         torch.testing.assert_close(ours(idx), hf(idx).logits, rtol=0, atol=1e-5)
+
+
+def test_a_config_missing_newer_fields_takes_gpt2_values():
+    old = {"vocab_size": 100, "block_size": 64, "n_layer": 2, "n_head": 2, "n_embd": 32, "dropout": 0.0}
+    c = GPTConfig.from_dict(old)
+    assert c.bias is True and c.pad_vocab_multiple == 1
+
+
+def test_every_model_field_is_a_flag_of_pretrain_and_a_config_setting():
+    """GPTConfig is the one list of model fields: pretrain's flags and config-file keys follow it."""
+    from dataclasses import fields
+
+    from gpt2lab.cli import build_parser
+    from gpt2lab.config import TrainConfig, coerce_settings
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if hasattr(a, "choices") and isinstance(a.choices, dict))
+    flags = {o for a in sub.choices["pretrain"]._actions for o in a.option_strings}
+    settable = [f.name for f in fields(GPTConfig) if f.metadata.get("flag", True)]
+    assert "vocab_size" not in settable  # it comes from the tokenizer
+    for name in settable:
+        assert "--" + name.replace("_", "-") in flags
+        assert name in {f.name for f in fields(TrainConfig)}
+    assert coerce_settings({"n-layer": 3, "bias": False}, TrainConfig) == {"n_layer": 3, "bias": False}
+
+
+def test_parameter_and_flop_counts_come_from_the_structure():
+    """A model without a position table (or with more layers) is counted from what it holds."""
+    with torch.device("meta"):
+        m = GPT(GPTConfig.from_preset("gpt2"))
+        deeper = GPT(GPTConfig.from_preset("gpt2", n_layer=13))
+    per_block = sum(p.numel() for p in m.transformer.h[0].parameters())
+    assert deeper.num_params() - m.num_params() == per_block
+    assert m.num_params(non_embedding=True) == m.num_params() - 50257 * 768 - 1024 * 768
+    assert deeper.flops_per_token(1024) - m.flops_per_token(1024) == 6 * per_block + 12 * 768 * 1024

@@ -5,6 +5,7 @@ Runs fine-tune a 2-layer, 32-wide model with a 256-token context (the Alpaca pro
 100-170 tokens of the 512-token BPE in `tiny_data`) on one CPU thread.
 """
 
+import copy
 import gzip
 import json
 import math
@@ -25,16 +26,16 @@ from gpt2lab.checkpoint import TOKENIZER_FILE, load_run, read_run_config
 from gpt2lab.config import SFTConfig, TrainConfig
 from gpt2lab.errors import UserError
 from gpt2lab.finetune.instructions import build_instruction_set, qa_records, score_sft, synthetic_tasks
-from gpt2lab.finetune.lora import LORA_FILE
-from gpt2lab.finetune.sft import SFTLoader, collate, encode_record, finetune_sft, read_records, render
+from gpt2lab.finetune.lora import LORA_FILE, lora_layers
+from gpt2lab.finetune.sft import SFTLoader, SFTTask, collate, encode_record, finetune_sft, read_records
 from gpt2lab.generate import generate
 from gpt2lab.model import GPT, GPTConfig
-from gpt2lab.templates import ALPACA, CHAT
+from gpt2lab.templates import render_messages
 from gpt2lab.tokenizer import load_tokenizer_file
 from gpt2lab.train import IGNORE_INDEX, Trainer, pretrain
 
 BLOCK = 256
-SFT = dict(batch_size=8, max_steps=30, lr=3e-3, warmup_steps=2, eval_every=1000, eval_batches=4,
+SFT = dict(batch_size=8, max_steps=40, lr=4e-3, warmup_steps=2, eval_every=1000, eval_batches=4,
            log_every=1000, checkpoint_every=1000, keep_checkpoints=1, tensorboard=False, device="cpu",
            dtype="fp32")
 # the record the overfitting tests memorise: no input, so `chat -p INSTRUCTION` renders the same prompt
@@ -84,18 +85,26 @@ def sft_cfg(base, data, out, **overrides) -> SFTConfig:
     return SFTConfig(init=str(base), data=str(data), out=str(out), **{**SFT, **overrides})
 
 
-def prompt_of(record, template=ALPACA) -> str:
-    return template.render(record["instruction"], record.get("input", "") or "")
+ALPACA_HEAD = ("Below is an instruction that describes a task{}. Write a response that appropriately completes "
+               "the request.\n\n")
 
 
-def direct_response_loss(model, tok, records, template=ALPACA) -> float:
+def prompt_of(record) -> str:
+    """The Alpaca prompt of a record, written out here (the format `finetune sft` uses by default)."""
+    if record.get("input"):
+        return (ALPACA_HEAD.format(", paired with an input that provides further context")
+                + f"### Instruction:\n{record['instruction']}\n\n### Input:\n{record['input']}\n\n### Response:\n")
+    return ALPACA_HEAD.format("") + f"### Instruction:\n{record['instruction']}\n\n### Response:\n"
+
+
+def direct_response_loss(model, tok, records) -> float:
     """Mean cross-entropy over every response token and its closing eot, prompts excluded: written
     out here position by position, without the library's encode_record/collate."""
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
         for r in records:
-            p = tok.encode(prompt_of(r, template))
+            p = tok.encode(prompt_of(r))
             a = tok.encode(r["output"]) + [tok.eot_id]
             ids = p + a
             logits = model(torch.tensor([ids[:-1]]))[0].float()
@@ -116,7 +125,7 @@ def greedy_answer(model, tok, prompt: str, n: int = 24) -> list[int]:
 def test_encode_record_appends_eot_and_masks_the_prompt(tok):
     rec = {"instruction": "Spell the word backwards.", "input": "garden", "output": "nedrag"}
     p, a = tok.encode(prompt_of(rec)), tok.encode("nedrag")
-    ids, trained = encode_record(rec, ALPACA, tok, BLOCK)
+    ids, trained = encode_record(rec, "alpaca", tok, BLOCK)
     assert ids == p + a + [tok.eot_id]
     assert trained == [False] * len(p) + [True] * (len(a) + 1)
 
@@ -128,9 +137,9 @@ def test_encode_record_appends_eot_and_masks_the_prompt(tok):
 
     # an empty input renders the template without the Input section
     no_input = {"instruction": "What is 2 + 3?", "input": "", "output": "5"}
-    ids, _ = encode_record(no_input, ALPACA, tok, BLOCK)
+    ids, _ = encode_record(no_input, "alpaca", tok, BLOCK)
     assert "### Input" not in tok.decode(ids)
-    assert ids[:len(tok.encode(prompt_of(no_input)))] == tok.encode(ALPACA.render("What is 2 + 3?"))
+    assert ids == tok.encode(prompt_of({"instruction": "What is 2 + 3?"})) + tok.encode("5") + [tok.eot_id]
 
 
 def test_truncation_keeps_what_fits_and_drops_records_without_a_response(tok):
@@ -138,17 +147,17 @@ def test_truncation_keeps_what_fits_and_drops_records_without_a_response(tok):
     p, a = tok.encode(prompt_of(rec)), tok.encode("tenalp")
     assert len(a) >= 2
     # max_length counts the x positions: ids may hold max_length + 1 tokens
-    ids, trained = encode_record(rec, ALPACA, tok, len(p) + 1)
+    ids, trained = encode_record(rec, "alpaca", tok, len(p) + 1)
     assert ids == p + a[:2] and trained == [False] * len(p) + [True, True]
-    ids, trained = encode_record(rec, ALPACA, tok, len(p))
+    ids, trained = encode_record(rec, "alpaca", tok, len(p))
     assert ids == p + a[:1]
     x, y = collate([(ids, trained)], tok.eot_id, "cpu")
     assert (y != IGNORE_INDEX).sum().item() == 1
     # only the prompt fits: nothing would be trained
-    assert encode_record(rec, ALPACA, tok, len(p) - 1) is None
-    assert encode_record(rec, ALPACA, tok, 10) is None
+    assert encode_record(rec, "alpaca", tok, len(p) - 1) is None
+    assert encode_record(rec, "alpaca", tok, 10) is None
     # an empty answer still teaches the stop
-    ids, trained = encode_record({**rec, "output": ""}, ALPACA, tok, BLOCK)
+    ids, trained = encode_record({**rec, "output": ""}, "alpaca", tok, BLOCK)
     assert ids == p + [tok.eot_id] and trained == [False] * len(p) + [True]
 
 
@@ -162,21 +171,15 @@ CHAT_RECORD = {"messages": [
 
 
 def test_chat_records_train_only_the_assistant_turns(tok):
-    ids, trained = encode_record(CHAT_RECORD, ALPACA, tok, BLOCK)  # chat records ignore the template
-    expected = []
-    messages = CHAT_RECORD["messages"]
-    for i, m in enumerate(messages):
-        if m["role"] == "assistant":
-            # each answer is followed by a trained eot; the turn marker of the next turn follows that
-            expected += tok.encode(CHAT.assistant_prefix) + tok.encode(m["content"]) + [tok.eot_id]
-            if i < len(messages) - 1:
-                expected += tok.encode(CHAT.turn_end)
-        else:
-            expected += tok.encode(CHAT.render_turn(m["role"], m["content"]))
-    assert ids == expected
-    text = tok.decode(ids)
-    assert text.startswith("### System:\nAnswer briefly.\n\n### User:\nWho wrote the play?")
-    assert "### Assistant:\nA poet from the north." in text
+    ids, trained = encode_record(CHAT_RECORD, "chat", tok, BLOCK)
+    eot = "<|endoftext|>"
+    assert tok.decode(ids) == ("### System:\nAnswer briefly.\n\n### User:\nWho wrote the play?\n\n### Assistant:\n"
+                               f"A poet from the north.{eot}\n\n### User:\nAnd when?\n\n### Assistant:\n"
+                               f"Long ago.{eot}")
+    # each turn's text is encoded on its own (as `gpt2lab chat` encodes it); an eot ends each answer
+    pieces = ["### System:\nAnswer briefly.\n\n", "### User:\nWho wrote the play?\n\n", "### Assistant:\n",
+              "A poet from the north.", None, "\n\n### User:\nAnd when?\n\n", "### Assistant:\n", "Long ago.", None]
+    assert ids == [i for piece in pieces for i in (tok.encode(piece) if piece is not None else [tok.eot_id])]
     kept = [i for i, on in zip(ids, trained) if on]
     assert kept == (tok.encode("A poet from the north.") + [tok.eot_id] + tok.encode("Long ago.")
                     + [tok.eot_id])
@@ -187,18 +190,31 @@ def test_chat_records_train_only_the_assistant_turns(tok):
 
 
 def test_chat_answer_is_followed_by_a_trained_stop(tok):
-    ids, trained = encode_record(CHAT_RECORD, CHAT, tok, BLOCK)
-    answer = tok.encode("Long ago.")
-    last = max(i for i in range(len(ids)) if ids[i:i + len(answer)] == answer) + len(answer) - 1
-    assert trained[last] and trained[last + 1], "the token after the answer must be trained"
-    assert ids[last + 1] == tok.eot_id
+    ids, trained = encode_record(CHAT_RECORD, "chat", tok, BLOCK)
+    for text in ("A poet from the north.", "Long ago."):
+        answer = tok.encode(text)
+        last = max(i for i in range(len(ids)) if ids[i:i + len(answer)] == answer) + len(answer) - 1
+        assert trained[last] and trained[last + 1], "the token after the answer must be trained"
+        assert ids[last + 1] == tok.eot_id
+        assert last + 2 == len(ids) or not trained[last + 2]  # the next turn's markup is not
 
 
-def test_render_marks_segments():
+def test_the_chat_format_follows_the_records(base_run, tok, tmp_path):
+    """Chat records are trained (and the run is used) in the chat format, Alpaca records in --template."""
+    chat = write_jsonl(tmp_path / "chat.jsonl", [CHAT_RECORD] * 3)
+    alpaca = write_jsonl(tmp_path / "alpaca.jsonl", synthetic_tasks(3, seed=0))
+    for data, template, expected in ((chat, "alpaca", "chat"), (alpaca, "alpaca", "alpaca"),
+                                     (alpaca, "chat", "chat")):
+        task = SFTTask(sft_cfg(base_run, data, tmp_path / "unused", template=template))
+        task.load(None)
+        assert task.format == expected and task.run_config()["template"] == expected, (data, template)
+    # what is trained is what render_messages shows in that format
     rec = {"instruction": "Name a colour.", "output": "red"}
-    assert render(rec, ALPACA) == [(ALPACA.render("Name a colour."), False), ("red", True)]
-    segments = render(CHAT_RECORD, ALPACA)
-    assert [s for s, on in segments if on] == ["A poet from the north.", "Long ago."]
+    for fmt in ("alpaca", "chat"):
+        ids, _ = encode_record(rec, fmt, tok, BLOCK)
+        assert tok.decode(ids) == render_messages([{"role": "user", "content": "Name a colour."},
+                                                   {"role": "assistant", "content": "red"}], fmt, False)
+    assert not (tmp_path / "unused").exists()
 
 
 # ------------------------------------------------------------------ batches
@@ -246,7 +262,7 @@ def test_loader_state_resumes_the_identical_sequence():
     b.load_state_dict(state)
     for (xe, ye), (xb, yb) in zip(expected, (b.next_batch() for _ in range(6))):
         assert torch.equal(xe, xb) and torch.equal(ye, yb)
-    with pytest.raises(UserError, match="different fine-tuning data"):
+    with pytest.raises(UserError, match="made with 11 training items"):
         SFTLoader(fake_examples(12), 3, pad_id=7, seed=2).load_state_dict(state)
     with pytest.raises(UserError, match="no training examples"):
         SFTLoader([], 3, pad_id=7)
@@ -306,37 +322,40 @@ def test_read_records_errors_name_the_file(tmp_path):
     write_jsonl(fields, [{"instruction": "a", "output": "b"}, {"instruction": "c", "answer": "d"}])
     with pytest.raises(UserError) as e:
         read_records(fields)
-    one_line_user_error(e, str(fields), "record 1", "answer", "`output`")
+    one_line_user_error(e, f"{fields}:2 ", "answer", "`output`")  # the file's line
+    fields_json = tmp_path / "fields.json"
+    fields_json.write_text(json.dumps([{"instruction": "a", "output": "b"}, {"instruction": "c", "answer": "d"}]))
+    with pytest.raises(UserError) as e:
+        read_records(fields_json)
+    one_line_user_error(e, f"{fields_json}: record 1 ", "answer", "`output`")  # the list's index
 
-    for name, text in (("empty.jsonl", ""), ("object.json", '{"instruction": "a", "output": "b"}')):
+    for name, text, needle in (("empty.jsonl", "", "no records"),
+                               ("object.json", '{"instruction": "a", "output": "b"}', "must be a list")):
         path = tmp_path / name
         path.write_text(text)
         with pytest.raises(UserError) as e:
             read_records(path)
-        one_line_user_error(e, str(path), "no records")
+        one_line_user_error(e, str(path), needle)
 
     scalars = tmp_path / "scalars.jsonl"
     scalars.write_text("1\n2\n")
     with pytest.raises(UserError) as e:
         read_records(scalars)
-    one_line_user_error(e, str(scalars), "record 0")
+    one_line_user_error(e, f"{scalars}:1 ", "not an object")
 
 
 def test_invalid_jsonl_error_gives_the_file_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "a", "output": "b"}\n\n{"instruction": "c", "output": \n')
-    with pytest.raises(UserError, match=r"line 3\b"):
+    with pytest.raises(UserError, match=r"bad\.jsonl:3 is not valid JSON"):
         read_records(bad)
 
 
 def test_a_record_whose_output_is_not_text_is_a_user_error(tmp_path, tok):
     path = write_jsonl(tmp_path / "numbers.jsonl", [{"instruction": "What is 2 + 3?", "output": 5}])
-    try:
-        records = read_records(path)
-    except UserError as e:
-        assert str(path) in str(e)
-        return
-    encode_record(records[0], ALPACA, tok, BLOCK)  # TypeError today
+    with pytest.raises(UserError) as e:
+        read_records(path)
+    one_line_user_error(e, f"{path}:1 ", "`output`", "int, not text")
 
 
 # ------------------------------------------------------------------ training end to end
@@ -430,7 +449,7 @@ def test_lora_sft_keeps_the_base_and_loads_merged(base_run, sft_data, lora_run, 
     assert read_run_config(tmp_path / "merged")["template"] == "alpaca"
     torch.testing.assert_close(merged(x), logits, atol=1e-5, rtol=1e-5)
 
-    # fewer weights move, so less is learnt in 30 steps than with full fine-tuning, but clearly something
+    # fewer weights move, so less is learnt in 40 steps than with full fine-tuning, but clearly something
     val = read_records(sft_data[1])
     assert direct_response_loss(model, tok, val) < direct_response_loss(base, tok, val) - 0.3
 
@@ -468,16 +487,58 @@ def test_stopped_and_resumed_sft_is_bitwise_identical(lora, base_run, sft_data, 
         assert not [k for k in a if not torch.equal(a[k], b[k])], name
 
 
+def starting_model(monkeypatch, argv: list[str]) -> torch.nn.Module:
+    """The model a training command starts from, taken as its first step begins (the run stops there)."""
+    seen = []
+
+    def first_step(self):
+        seen.append(copy.deepcopy(self.model).eval())
+        raise Stop
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "train_step", first_step)
+        with pytest.raises(Stop):
+            cli.main(argv)
+    assert len(seen) == 1
+    return seen[0]
+
+
+def test_training_from_a_lora_run_starts_from_its_merged_weights(base_run, lora_run, sft_data, tiny_data, tok,
+                                                                 tmp_path, monkeypatch):
+    x = torch.tensor([tok.encode(prompt_of(SOLO))])
+    merged, _ = load_run(lora_run)
+    base, _ = load_run(base_run)
+    with torch.no_grad():
+        want, base_logits = merged(x), base(x)
+    assert (want - base_logits).abs().max() > 1e-3  # the adapters matter: starting from the base would show
+    common = ["--device", "cpu", "--dtype", "fp32", "--no-tensorboard", "--max-steps", "1", "--batch-size", "2"]
+    runs = {
+        "pretrain --init-from": ["pretrain", "--data", str(tiny_data), "--init-from", str(lora_run), "--seq-len",
+                                 "64", "--eval-batches", "1", "--sample-tokens", "0"],
+        "finetune sft --init": ["finetune", "sft", "--init", str(lora_run), "--data", str(sft_data[0])],
+        "finetune sft --init --lora-rank": ["finetune", "sft", "--init", str(lora_run), "--data",
+                                            str(sft_data[0]), "--lora-rank", "2"],
+    }
+    for i, (name, argv) in enumerate(runs.items()):
+        model = starting_model(monkeypatch, argv + common + ["--out", str(tmp_path / f"run{i}")])
+        # the new adapters (of the last run) start as a no-op on top of the merged weights
+        assert len(lora_layers(model)) == (2 * 4 if name.endswith("rank") else 0), name
+        with torch.no_grad():
+            got = model(x)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0, msg=name)
+        assert (got - base_logits).abs().max() > 1e-3, name
+
+
 # ------------------------------------------------------------------ memorising one record
 
 
 @pytest.fixture(scope="module")
 def solo_run(base_run, tmp_path_factory) -> Path:
-    """The base model trained on SOLO alone for 60 steps (val_fraction 0: the check batch is SOLO too)."""
+    """The base model trained on SOLO alone for 100 steps (val_fraction 0: the check batch is SOLO too)."""
     root = tmp_path_factory.mktemp("sft-solo")
     data = write_jsonl(root / "solo.jsonl", [SOLO])
     out = root / "run"
-    finetune_sft(sft_cfg(base_run, data, out, batch_size=2, max_steps=60, lr=1e-2, warmup_steps=5,
+    finetune_sft(sft_cfg(base_run, data, out, batch_size=2, max_steps=100, lr=1e-2, warmup_steps=5,
                          val_fraction=0.0))
     return out
 
@@ -494,14 +555,14 @@ def test_one_record_is_reproduced_and_then_stops(solo_run, base_run, tok):
 
 def test_score_sft_on_a_memorised_record(solo_run, base_run, tok):
     model, _ = gpt2lab.load(solo_run)
-    table = score_sft(model, tok, [SOLO], ALPACA)
+    table = score_sft(model, tok, [SOLO], "alpaca")
     assert table["solo"]["n"] == 1
     assert table["solo"]["exact_match"] == 1.0 and table["solo"]["clean_stop"] == 1.0
     assert table["solo"]["response_loss"] == pytest.approx(direct_response_loss(model, tok, [SOLO]), rel=1e-5)
     assert table["all"]["clean_stop"] == 1.0 and math.isnan(table["all"]["exact_match_checkable"])
 
     base, _ = load_run(base_run)
-    table = score_sft(base, tok, [SOLO, {**SOLO, "task": "add"}], ALPACA)
+    table = score_sft(base, tok, [SOLO, {**SOLO, "task": "add"}], "alpaca")
     assert table["solo"]["exact_match"] == 0.0 and table["all"]["exact_match_checkable"] == 0.0
     assert table["all"]["n"] == 2
     assert table["solo"]["response_loss"] == pytest.approx(direct_response_loss(base, tok, [SOLO]), rel=1e-5)
@@ -510,9 +571,9 @@ def test_score_sft_on_a_memorised_record(solo_run, base_run, tok):
 def test_score_sft_loss_is_not_diluted_by_records_it_cannot_score(base_run, tok):
     base, _ = load_run(base_run)
     long = {**SOLO, "input": " ".join([SOLO["output"]] * 60)}
-    assert encode_record(long, ALPACA, tok, BLOCK - 1) is None
-    alone = score_sft(base, tok, [SOLO], ALPACA)["solo"]["response_loss"]
-    both = score_sft(base, tok, [SOLO, long], ALPACA)["solo"]["response_loss"]
+    assert encode_record(long, "alpaca", tok, BLOCK - 1) is None
+    alone = score_sft(base, tok, [SOLO], "alpaca")["solo"]["response_loss"]
+    both = score_sft(base, tok, [SOLO, long], "alpaca")["solo"]["response_loss"]
     # excluding the long record gives `alone`; scoring it (say with the prompt cut) an average of two
     # losses of the same size; today it is alone / 2
     assert both > 0.75 * alone, (alone, both)
@@ -638,3 +699,50 @@ def test_cli_errors_are_one_line(base_run, tmp_path, gpt2lab_procs):
         assert "Traceback" not in out + err and all(n in err for n in needles), f"{name}: {err!r}"
     assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
     assert not (tmp_path / "set" / "train.jsonl").exists()
+
+
+def _instructions(capsys, *argv) -> tuple[int, str]:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli.main(["finetune", "instructions", *argv])
+    err = capsys.readouterr().err
+    if e.value.code:
+        assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return e.value.code, err
+
+
+def _tree(path: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+
+
+def test_instructions_cli_builds_something_and_replaces_only_with_overwrite(tmp_path, capsys):
+    # nothing to build: one error, and no empty files
+    code, err = _instructions(capsys, "--out", str(tmp_path / "none"), "--synthetic", "0")
+    assert code == 2 and "--synthetic 0" in err and "--source" in err
+    assert not (tmp_path / "none").exists()
+    (tmp_path / "empty").mkdir()
+    code, _ = _instructions(capsys, "--out", str(tmp_path / "empty"), "--synthetic", "0")
+    assert code == 2 and not list((tmp_path / "empty").iterdir())
+
+    out = tmp_path / "set"
+    code, _ = _instructions(capsys, "--out", str(out), "--synthetic", "40", "--seed", "1")
+    assert code == 0 and set(_tree(out)) == {"train.jsonl", "heldout.jsonl", "instructions.json"}
+    first = _tree(out)
+    # an existing set is not replaced without --overwrite
+    code, err = _instructions(capsys, "--out", str(out), "--synthetic", "60", "--seed", "2")
+    assert code == 2 and str(out) in err and "--overwrite" in err
+    assert _tree(out) == first
+    # with it, the set is replaced by exactly what a fresh build writes
+    code, _ = _instructions(capsys, "--out", str(out), "--synthetic", "60", "--seed", "2", "--overwrite")
+    assert code == 0
+    build_instruction_set(tmp_path / "fresh", synthetic=60, seed=2)
+    assert _tree(out) == _tree(tmp_path / "fresh") != first
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary dirs left
+
+    # --overwrite replaces only an instruction set: never a directory gpt2lab did not write
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "train.jsonl").write_text("my own records\n")
+    code, err = _instructions(capsys, "--out", str(mine), "--synthetic", "8", "--overwrite")
+    assert code == 2 and "did not write" in err
+    assert _tree(mine) == {"train.jsonl": b"my own records\n"}

@@ -346,3 +346,39 @@ def test_cli_unknown_tokenizer_is_one_line_error(tmp_path):
     assert r.returncode == 2
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
     assert "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------- hostile or corrupt tokenizer files
+
+def _gpt2_dict():
+    import copy
+
+    return copy.deepcopy(get_tokenizer("gpt2", fast=False).to_dict())
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda d: d["special_tokens"].update({EOT: 5}), "also the id of another token"),
+    (lambda d: d["special_tokens"].update({EOT: 10**9}), "ids must be integers"),
+    (lambda d: d["special_tokens"].update({"": 50257}), "empty or non-text special token"),
+    (lambda d: d["vocab"].update({"Ġthe": -5}), "has id -5"),
+    (lambda d: d["vocab"].update({"Ġthe": 1}), "same id to two tokens"),
+    (lambda d: d.update(pattern=r"\w+"), "drops text"),
+    (lambda d: d["special_tokens"].update({"<|x|>": 900_000}), "contiguous"),
+])
+def test_hostile_tokenizer_files_are_refused(tmp_path, change, message):
+    """A tokenizer.json that no training could have made is one clear error, before it is used."""
+    d = _gpt2_dict()
+    change(d)
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(d))
+    with pytest.raises(UserError, match=message):
+        BPETokenizer.from_file(path)
+
+
+def test_cli_encode_with_a_hostile_tokenizer_is_one_line_not_a_hang(tmp_path):
+    d = _gpt2_dict()
+    d["special_tokens"][""] = 50257  # once made `--allow-special` search for "" forever
+    (tmp_path / "tokenizer.json").write_text(json.dumps(d))
+    r = subprocess.run([sys.executable, "-m", "gpt2lab", "tokenizer", "encode", "--tokenizer", str(tmp_path),
+                        "--allow-special", "--text", "hello"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1

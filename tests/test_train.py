@@ -11,6 +11,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -62,8 +63,9 @@ def weights(run_or_file: Path) -> dict[str, torch.Tensor]:
 
 
 def digests(root: Path) -> dict[str, str]:
+    """Every file's sha256, but the run lock's (.lock names the process that last took it)."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -207,9 +209,9 @@ def test_grad_accumulation_matches_one_big_batch(tiny_data, tmp_path):
     big = pretrain(tiny_cfg(tiny_data, tmp_path / "big", batch_size=8, **common))
     acc = pretrain(tiny_cfg(tiny_data, tmp_path / "acc", batch_size=4, total_batch_tokens=2 * 4 * SEQ,
                             **common))
-    train_acc = json.loads((tmp_path / "acc" / "config.json").read_text())["train"]
+    train_acc = json.loads((tmp_path / "acc" / "config.json").read_text())["resolved"]
     assert train_acc["grad_accum"] == 2 and train_acc["total_batch_tokens"] == 8 * SEQ
-    assert json.loads((tmp_path / "big" / "config.json").read_text())["train"]["grad_accum"] == 1
+    assert json.loads((tmp_path / "big" / "config.json").read_text())["resolved"]["grad_accum"] == 1
     assert acc.steps == big.steps == list(range(1, 9))
     assert acc.losses == pytest.approx(big.losses, abs=1e-5, rel=0)
     assert big.losses[-1] != pytest.approx(big.losses[0], abs=1e-3)  # the weights did change
@@ -246,14 +248,20 @@ def test_loss_goes_down(trained_run):
 
 def test_run_dir_layout(trained_run, tiny_data):
     cfg = json.loads((trained_run / "config.json").read_text())
-    assert cfg["format"] == "gpt2lab-run" and cfg["version"] == 1
-    assert {"model", "train", "tokenizer", "data"} <= set(cfg)
+    assert cfg["format"] == "gpt2lab-run" and cfg["version"] == 2
+    assert cfg["kind"] == "lm" and cfg["task"] == "pretrain"
+    assert {"model", "train", "tokenizer", "data", "resolved"} <= set(cfg)
     assert cfg["model"]["vocab_size"] == 512 and cfg["model"]["block_size"] == SEQ
     assert (cfg["model"]["n_layer"], cfg["model"]["n_head"], cfg["model"]["n_embd"]) == (2, 2, 32)
-    train = cfg["train"]
-    assert train["max_steps"] == 100 and train["seq_len"] == SEQ and train["grad_accum"] == 1
-    assert train["total_batch_tokens"] == 8 * SEQ and train["world_size"] == 1
-    assert train["min_lr"] == pytest.approx(3e-4)
+    # "train": the settings as given (what --resume reuses); "resolved": what they came to
+    train, resolved = cfg["train"], cfg["resolved"]
+    assert train["max_steps"] == 100 and train["resume"] is False
+    assert train["seq_len"] is None and train["total_batch_tokens"] is None and train["min_lr"] is None
+    assert train["model"] == "tiny" and train["block_size"] == SEQ and train["n_layer"] is None
+    assert resolved["max_steps"] == 100 and resolved["seq_len"] == SEQ and resolved["grad_accum"] == 1
+    assert resolved["total_batch_tokens"] == 8 * SEQ and resolved["world_size"] == 1
+    assert resolved["min_lr"] == pytest.approx(3e-4)
+    assert (resolved["dtype"], resolved["device"]) == ("float32", "cpu")
     meta = read_meta(tiny_data)
     tok = load_tokenizer_file(trained_run / "tokenizer.json")
     assert cfg["tokenizer"]["sha256"] == tok.fingerprint == meta["tokenizer"]["sha256"]
@@ -312,7 +320,7 @@ def test_config_file_then_flags(tiny_data, tmp_path, suffix, capsys):
     train = cfg["train"]
     assert train["lr"] == 0.001 and train["max_steps"] == 2 and train["dropout"] == 0.0  # flags
     assert train["batch_size"] == 2 and train["seq_len"] == 16 and train["warmup_steps"] == 1  # file
-    assert train["tensorboard"] is False and train["dtype"] == "float32"
+    assert train["tensorboard"] is False and train["dtype"] == "fp32" and cfg["resolved"]["dtype"] == "float32"
     assert cfg["model"]["bias"] is False and cfg["model"]["dropout"] == 0.0
     assert [r["step"] for r in read_metrics(out)[0]] == [1, 2]
     assert not (out / "tensorboard").exists()
@@ -407,6 +415,12 @@ def test_user_errors_exit_2_with_one_line(tiny_data, tiny_data_other_tokenizer, 
                                           gpt2lab_procs):
     """The first case runs as `python -m gpt2lab pretrain ...`, the rest as forked copies of the command
     (real processes with their own exit status and stderr, without paying the torch import each)."""
+    # a run whose data directory is later prepared again, at the same path, with another tokenizer
+    moved_data, retokenized = tmp_path / "data", tmp_path / "retokenized"
+    shutil.copytree(tiny_data, moved_data)
+    pretrain(tiny_cfg(moved_data, retokenized, max_steps=2, sample_tokens=0))
+    shutil.rmtree(moved_data)
+    shutil.copytree(tiny_data_other_tokenizer, moved_data)
     cases = {
         "missing data": (cli_args(tmp_path / "no-such-data", tmp_path / "r1"),
                          ["no-such-data", "does not exist"]),
@@ -417,12 +431,18 @@ def test_user_errors_exit_2_with_one_line(tiny_data, tiny_data_other_tokenizer, 
         "unknown preset": (cli_args(tiny_data, tmp_path / "r5", model="gpt5"), ["'gpt5'", "tiny"]),
         "seq-len > block": (cli_args(tiny_data, tmp_path / "r6", seq_len=64), ["--seq-len 64", "32"]),
         "init-from other tokenizer": (cli_args(tiny_data_other_tokenizer, tmp_path / "r7",
-                                               init_from=str(trained_run)), ["tiny400", "tiny512"]),
-        "resume with other tokenizer": (cli_args(tiny_data_other_tokenizer, trained_run, resume=True),
-                                        ["another tokenizer", str(tiny_data_other_tokenizer)]),
+                                               init_from=str(trained_run)),
+                                      ["another tokenizer", str(trained_run), str(tiny_data_other_tokenizer)]),
+        "resume with other tokenizer": (cli_args(moved_data, retokenized, max_steps=2, sample_tokens=0,
+                                                 resume=True),
+                                        ["another tokenizer", str(moved_data), str(retokenized)]),
+        "resume with other data": (cli_args(tiny_data_other_tokenizer, trained_run, max_steps=100,
+                                            warmup_steps=10, eval_every=50, eval_batches=4, checkpoint_every=25,
+                                            tensorboard=True, resume=True),
+                                   ["--data", str(tiny_data_other_tokenizer), "differs"]),
     }
     names = list(cases)
-    before = digests(trained_run)
+    before, before_retokenized = digests(trained_run), digests(retokenized)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "GPT2LAB_DEBUG"):
         env.pop(k, None)
@@ -442,6 +462,7 @@ def test_user_errors_exit_2_with_one_line(tiny_data, tiny_data_other_tokenizer, 
     for i in (1, 2, 4, 5, 6, 7):
         assert not (tmp_path / f"r{i}").exists(), f"r{i} was created by a failed command"
     assert digests(trained_run) == before
+    assert digests(retokenized) == before_retokenized
 
 
 def test_non_finite_loss_stops_and_keeps_checkpoints(tiny_data, tmp_path, monkeypatch):
@@ -465,6 +486,8 @@ def test_non_finite_loss_stops_and_keeps_checkpoints(tiny_data, tmp_path, monkey
     msg = str(e.value)
     assert isinstance(e.value, UserError)
     assert "nan" in msg and "step 5" in msg and "step_000003" in msg, msg
+    # it names the last checkpoint in full and how to continue from it, in one line
+    assert str(list_checkpoints(out)[-1]) in msg and "--resume" in msg and "\n" not in msg, msg
     assert snapshot and digests(out / "checkpoints") == snapshot
     assert [p.name for p in list_checkpoints(out)] == ["step_000003"]
     assert not (out / "model.safetensors").exists()
@@ -479,10 +502,29 @@ def test_non_finite_loss_stops_and_keeps_checkpoints(tiny_data, tmp_path, monkey
     assert all(math.isfinite(x) for x in result.losses)
 
 
-def test_non_finite_loss_before_any_checkpoint(tiny_data, tmp_path, monkeypatch):
+def test_non_finite_loss_before_any_checkpoint(tiny_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("GPT2LAB_DEBUG", raising=False)
+    real_loss = train_mod.lm_loss
     monkeypatch.setattr(train_mod, "lm_loss", lambda logits, targets: logits.sum() * float("inf"))
     with pytest.raises(NonFiniteLoss, match="step 1.*no checkpoint"):
         pretrain(tiny_cfg(tiny_data, tmp_path / "run", max_steps=3))
+
+    # on the command line: one error line that says to run it again without --resume
+    out = tmp_path / "cli"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli.main(cli_args(tiny_data, out, max_steps=3, checkpoint_every=2))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert "step 1" in err and "no checkpoint" in err and "without --resume" in err, err
+    assert "checkpoints/" not in err and list_checkpoints(out) == []
+    # following the advice works: a new --lr (which --resume would refuse) and a run from step 0
+    monkeypatch.setattr(train_mod, "lm_loss", real_loss)
+    with pytest.raises(SystemExit) as e:
+        cli.main(cli_args(tiny_data, out, max_steps=3, checkpoint_every=2, lr=1e-3, sample_tokens=0))
+    assert e.value.code == 0, capsys.readouterr().err
+    assert [r["step"] for r in read_metrics(out)[0]] == [1, 2, 3]
+    assert json.loads((out / "config.json").read_text())["train"]["lr"] == 1e-3
 
 
 def test_init_from_starts_from_the_other_runs_weights(trained_run, tiny_data, tmp_path):

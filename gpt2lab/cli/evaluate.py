@@ -57,7 +57,13 @@ def cmd_eval(args) -> int:
         raise UserError("task judge needs --data FILE.json or .jsonl of Alpaca records "
                         "{instruction, input, output}")
     # the outputs are checked before the (long) evaluation starts
-    inputs = [args.run_dir, *data.values()]
+    from gpt2lab.sources import expand_inputs
+
+    inputs = [args.run_dir]
+    for path in data.values():  # a glob's matches are inputs too
+        inputs += [str(p) for p in expand_inputs([path])] if glob.has_magic(path) else [path]
+    if args.output and args.predictions and Path(args.output).resolve() == Path(args.predictions).resolve():
+        raise UserError("--output and --predictions name the same file; give each its own")
     if args.output:
         io.check_output_file(args.output, "eval-json", flag="--output", inputs=inputs)
     if args.predictions:
@@ -72,8 +78,10 @@ def cmd_eval(args) -> int:
                            extra_tasks=extra)
     print(format_table(results), flush=True)
     if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)  # a missing folder was checked writable
         io.write_json(args.output, [r.metrics for r in results])
     if args.predictions:
+        Path(args.predictions).parent.mkdir(parents=True, exist_ok=True)
         io.write_jsonl(args.predictions, [rec for r in results for rec in r.records])
     return 0
 

@@ -66,7 +66,7 @@ def cmd_pretrain(args) -> int:
     cfg, given = resolve_config(args, TrainConfig)
     result = pretrain(cfg, given)
     if int(os.environ.get("RANK", "0")) == 0:
-        _after_training(result, cfg)
+        _after_training(result, result.settings or cfg)
     return 0
 
 

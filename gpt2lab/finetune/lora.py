@@ -154,7 +154,11 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
     for name, module in chosen.items():
         parent_name, _, child = name.rpartition(".")
         parent = root.get_submodule(parent_name) if parent_name else root
+        was = [(p, p.requires_grad) for p in module.parameters()]
         setattr(parent, child, LoRALinear(module, rank, alpha, dropout))
+        if not freeze:  # LoRALinear freezes its base weight and bias: leave them as they were
+            for p, requires_grad in was:
+                p.requires_grad_(requires_grad)
     model.lora_settings = {"rank": rank, "alpha": float(alpha), "dropout": float(dropout),
                            "targets": list(targets)}
     return model

@@ -157,7 +157,8 @@ class SFTTask(Task):
         if self.tokenizer.eot_id is None:
             raise UserError(f"the tokenizer of --init {cfg.init} has no <|endoftext|> token to end answers with")
         records = read_records(cfg.data)
-        self.format = "chat" if all("messages" in r for r in records) else cfg.template
+        # the chat format can render Alpaca records as user/assistant turns; the alpaca one cannot render chats
+        self.format = "chat" if any("messages" in r for r in records) else cfg.template
         if cfg.val_data:
             train_records, val_records = records, read_records(cfg.val_data)
         else:

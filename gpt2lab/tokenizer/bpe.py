@@ -39,6 +39,10 @@ EOT = "<|endoftext|>"
 FORMAT = "gpt2lab-bpe"
 FORMAT_VERSION = 1
 TOKENIZER_FILE = "tokenizer.json"
+MAX_ID = 1 << 21  # no real vocabulary comes near this many ids (the largest in use have ~260k)
+# text a pre-tokenisation pattern must reproduce piece by piece: letters, digits, punctuation, spaces, tabs,
+# newlines, accents, CJK, emoji, a no-break space and a control character
+_PATTERN_PROBE = "Hello, world! It's 2024 -- na\u00efve caf\u00e9 \u6771\u4eac \n\n\t  x\u00a0y \U0001F600 a\x00b  "
 
 
 @lru_cache(maxsize=1)
@@ -106,6 +110,7 @@ class BPETokenizer:
         self.pattern = pattern
         self.name = name
         self._regex = regex.compile(pattern)
+        self._check(name)
 
         b2u = bytes_to_unicode()
         try:
@@ -129,6 +134,36 @@ class BPETokenizer:
         self.eot_id = self.special_tokens.get(EOT)
         self._special_regex = None
         self._cache: dict[str, list[int]] = {}
+
+    def _check(self, name: str) -> None:
+        """Refuse a vocabulary that could not have come from training: ids out of range or shared, empty
+        special tokens, a pattern that loses text."""
+        where = f"tokenizer {name!r}"
+        for table, what in ((self.vocab, "token"), (self.special_tokens, "special token")):
+            if not isinstance(table, dict):
+                raise UserError(f"{where}: its {what}s are not a mapping of text to ids")
+            for tok, i in table.items():
+                if not isinstance(tok, str) or not tok:
+                    raise UserError(f"{where} has an empty or non-text {what} {tok!r}")
+                if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < MAX_ID:
+                    raise UserError(f"{where}: {what} {tok!r} has id {i!r}; ids must be integers from 0 to "
+                                    f"{MAX_ID - 1}")
+        ids = list(self.vocab.values())
+        if len(set(ids)) != len(ids):
+            raise UserError(f"{where} gives the same id to two tokens")
+        clash = sorted(set(self.special_tokens.values()) & set(ids))
+        if clash or len(set(self.special_tokens.values())) != len(self.special_tokens):
+            raise UserError(f"{where}: special token id {clash[0] if clash else '?'} is also the id of another "
+                            "token; special tokens need ids of their own")
+        count = len(ids) + len(self.special_tokens)
+        top = max(ids + list(self.special_tokens.values()), default=0)
+        if top >= 2 * count + 256:
+            raise UserError(f"{where} has {count} tokens but ids up to {top}; its ids must be (nearly) "
+                            "contiguous, or every model built on it would hold rows for ids that do not exist")
+        probe = _PATTERN_PROBE
+        if "".join(self._regex.findall(probe)) != probe:
+            raise UserError(f"{where}: its pre-tokenisation pattern drops text (it does not match every "
+                            "character); a byte-level BPE must see all of its input")
 
     # ---------------------------------------------------------------- encode
 
