@@ -320,13 +320,28 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Module, trainer_state: dict,
-                    state: dict, keep: int) -> Path:
-    """Write checkpoints/step_N as a whole (temporary dir + rename), then keep the newest `keep`."""
+SHARDED = "sharded"  # a checkpoint's directory of FSDP shards (torch.distributed.checkpoint)
+
+
+def sharded_staging(run_dir: str | os.PathLike, step: int) -> Path:
+    """Where the processes of an FSDP run write a checkpoint's shards before rank 0 completes it."""
+    final = checkpoint_path(run_dir, step)
+    return final.with_name(f".{final.name}.tmp-sharded")
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Module | None, trainer_state: dict,
+                    state: dict, keep: int, staged: Path | None = None) -> Path:
+    """Write checkpoints/step_N as a whole (temporary dir + rename), then keep the newest `keep`.
+
+    `staged`: a temporary directory that already holds the shards every process wrote (FSDP); `model` is
+    then None and the weights are those shards."""
     final = checkpoint_path(run_dir, step)
     final.parent.mkdir(parents=True, exist_ok=True)
     with io.staging(final) as tmp:
-        save_weights(model, tmp / WEIGHTS_FILE)
+        if staged is not None:
+            tmp = staged
+        else:
+            save_weights(model, tmp / WEIGHTS_FILE)
         with io.atomic_file(tmp / "trainer.pt", "wb") as f:
             torch.save(trainer_state, f)
         io.write_json(tmp / "state.json", state)
@@ -340,9 +355,14 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
 
 
 def clean_partial_checkpoints(run_dir: str | os.PathLike) -> None:
-    """Remove what interrupted writes left behind (never a complete checkpoint)."""
+    """Remove what interrupted writes left behind (never a complete checkpoint). Called by rank 0 before the
+    run's processes write anything."""
     io.remove_stale_temps(Path(run_dir) / CHECKPOINTS)
     io.remove_stale_temps(run_dir)
+    root = Path(run_dir) / CHECKPOINTS
+    if root.is_dir():
+        for p in root.glob(".step_*.tmp-sharded"):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:

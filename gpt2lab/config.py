@@ -110,6 +110,11 @@ class LoopConfig:
     dtype: str = opt("auto", "auto (bf16 on CUDA, fp32 elsewhere), fp32, bf16 or fp16", choices=DTYPE_NAMES,
                      resumable=True)
     compile: bool = opt(False, "compile the model with torch.compile", resumable=True)
+    strategy: str = opt("ddp", "how several processes (torchrun) share the work: ddp (each holds the whole model) "
+                        "or fsdp (weights, gradients and optimizer state sharded; FSDP2)", choices=("ddp", "fsdp"))
+    activation_checkpointing: bool = opt(False, "keep only each block's input during the forward pass and "
+                                         "recompute the rest in the backward (less memory, ~30% more compute)",
+                                         resumable=True)
     resume: bool = opt(False, "continue the run in --out from its newest checkpoint, with its stored settings",
                        resumable=True)
 
@@ -135,6 +140,8 @@ class LoopConfig:
                 raise UserError(f"{flag(f.name)} must be {check[1]}, got {value!r}")
         if self.min_lr is not None and self.min_lr > self.lr:
             raise UserError(f"--min-lr must be between 0 and --lr ({self.lr}), got {self.min_lr}")
+        if self.strategy == "fsdp" and self.dtype == "fp16":
+            raise UserError("--strategy fsdp trains in fp32 or bf16; use --dtype bf16 (or fp32)")
 
 
 def flag(name: str) -> str:
@@ -168,8 +175,10 @@ class TrainConfig(LoopConfig):
     data: str = opt("", "data directory made by `gpt2lab prepare` (on --resume: the run's own, by default)")
     model: str = opt("gpt2", "model preset", choices=tuple(PRESETS))
     init_from: str | None = opt(None, "start from the weights of this run directory (merged, for a LoRA run)")
-    data_order: str = opt("random", "random windows, or sequential passes over the data",
+    data_order: str = opt("random", "random: every epoch a new permutation of the windows; sequential: in order",
                           choices=("random", "sequential"))
+    doc_mask: bool = opt(False, "keep the documents packed into a row apart: no attention across <|endoftext|>, "
+                         "positions that restart at each document")
 
     def validate(self) -> None:
         super().validate()
@@ -277,6 +286,8 @@ class ClassifyConfig(LoopConfig):
             raise UserError("--val/--test go with --train; with --data the splits are made from "
                             "--val-fraction and --test-fraction")
         super().validate()
+        if self.strategy == "fsdp":
+            raise UserError("--strategy fsdp is for pretrain and finetune sft; a classifier trains with ddp")
         if self.val_fraction + self.test_fraction >= 1:
             raise UserError(f"--val-fraction {self.val_fraction} and --test-fraction {self.test_fraction} "
                             "must leave some examples to train on")

@@ -26,6 +26,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from gpt2lab.errors import UserError
 from gpt2lab.model_config import PRESETS, GPTConfig, model_fields  # noqa: F401 (the config lives with the model)
@@ -111,6 +112,7 @@ class Transformer(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
+        self.activation_checkpointing = False  # a training setting, not part of the model
 
     def forward(self, idx: torch.Tensor, positions: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
@@ -127,7 +129,11 @@ class Transformer(nn.Module):
             mask = causal_mask(T, past, idx.device)  # new tokens after cached ones: causal, shifted
         x = self.drop(self.wte(idx) + self.wpe(positions))
         for i, block in enumerate(self.h):
-            x = block(x, positions, mask, cache, i)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                # keep only each block's input; its activations are recomputed in the backward pass
+                x = checkpoint(block, x, positions, mask, cache, i, use_reentrant=False)
+            else:
+                x = block(x, positions, mask, cache, i)
         if cache is not None:
             cache.advance(T)
         return self.ln_f(x)

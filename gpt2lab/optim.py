@@ -81,7 +81,7 @@ def make_optimizer(model: nn.Module, *, kind: str, lr: float, weight_decay: floa
     groups = param_groups(model, weight_decay, decay_embeddings)
     if kind == "adamw":
         # the fused CUDA kernel updates all parameters in a few launches
-        fused = device_type == "cuda"
+        fused = device_type == "cuda"  # ("sharded": FSDP's DTensors take the default implementation)
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
     if kind == "adamw-scratch":
         return ScratchAdamW(groups, lr=lr, betas=betas, eps=eps)

@@ -10,7 +10,7 @@ The `Trainer` owns everything that is the same for every objective: accumulation
 the schedule, mixed precision, compile, DDP, the run directory and its lock, checkpoints,
 exact resume and logging. A `Task` owns what differs: its data and batches, `loss(model,
 batch) -> (loss, metrics)` (extra metrics are logged as they come), its evaluation, and what
-the run dir records. Pretraining (`LMTask`, below), SFT and classification
+the run dir records. Pretraining (`LMTask`, gpt2lab/pretrain.py), SFT and classification
 (gpt2lab/finetune) are tasks.
 
 The batch per step is `total_batch_tokens` = B * T * grad_accum * world_size, so the same run
@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 
 from gpt2lab import checkpoint as ckpt
 from gpt2lab import distributed, io
-from gpt2lab.config import LoopConfig, TrainConfig, build, explicit_settings, merge_for_resume
+from gpt2lab.config import LoopConfig, build, explicit_settings, merge_for_resume
 from gpt2lab.errors import UserError
 from gpt2lab.metrics import MetricsLogger, console, format_seconds, peak_flops
 from gpt2lab.model import GPT, GPTConfig, model_fields
@@ -81,6 +82,25 @@ def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def model_overrides(cfg) -> dict:
     """The model fields a config sets (None: keep the preset's / the starting run's)."""
     return {f.name: getattr(cfg, f.name) for f in model_fields() if getattr(cfg, f.name, None) is not None}
+
+
+def held_out_mean(trainer: Trainer, batches: list, loss_fn) -> float:
+    """The mean of `loss_fn` over `batches` (the same list on every process): rank r takes batches r, r + W,
+    ..., so the result does not depend on the number of processes W. Every process runs the same number of
+    forward passes (FSDP's collectives need that); a pass past the end is not counted."""
+    W, r = trainer.dist.world_size, trainer.dist.rank
+    total = torch.zeros((), device=trainer.device)
+    count = torch.zeros((), device=trainer.device)
+    for k in range(math.ceil(len(batches) / W)):
+        i = r + k * W
+        loss = loss_fn(batches[i] if i < len(batches) else batches[0])
+        if i < len(batches):
+            total += loss.float()
+            count += 1
+    if trainer.dist.enabled:
+        torch.distributed.all_reduce(total)
+        torch.distributed.all_reduce(count)
+    return (total / count).item()
 
 
 # ------------------------------------------------------------------------------ tasks
@@ -211,12 +231,19 @@ class Trainer:
         random.seed(cfg.seed)
         self.model = task.build_model(self.model_config, resuming=self.resume_from is not None)
         self.model.to(self.device)
+        if hasattr(self.model, "transformer"):
+            self.model.transformer.activation_checkpointing = cfg.activation_checkpointing
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        self.fsdp = cfg.strategy == "fsdp"
+        if self.fsdp:  # sharded first: the optimizer then holds the shards
+            distributed.ensure_process_group(dist)
+            self.train_model = distributed.wrap(self.model, "fsdp", dist, self.dtype, cfg.compile)
         self.optimizer = make_optimizer(
             self.model, kind=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
-            betas=(cfg.beta1, cfg.beta2), decay_embeddings=cfg.decay_embeddings, device_type=self.device.type)
+            betas=(cfg.beta1, cfg.beta2), decay_embeddings=cfg.decay_embeddings,
+            device_type=self.device.type if not self.fsdp else "sharded")
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
 
         self.train_loader = task.train_loader(self)
@@ -231,14 +258,8 @@ class Trainer:
         if self.resume_from is not None:
             self._restore(self.resume_from)
 
-        self.train_model: torch.nn.Module = self.model
-        if cfg.compile:
-            self.train_model = torch.compile(self.model)
-        if dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            self.train_model = DDP(self.train_model,
-                                   device_ids=[dist.local_rank] if self.device.type == "cuda" else None)
+        if not self.fsdp:
+            self.train_model = distributed.wrap(self.model, "ddp", dist, self.dtype, cfg.compile)
 
         self.flops_per_token = self.model.flops_per_token(self.seq_len)
         self.peak = peak_flops(self.device)
@@ -325,7 +346,7 @@ class Trainer:
                                                                    **self.task.run_config()})
 
     def _autocast(self):
-        if self.dtype == torch.float32:
+        if self.dtype == torch.float32 or self.fsdp:  # FSDP's policy casts the gathered weights itself
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
@@ -352,15 +373,26 @@ class Trainer:
             torch.distributed.all_gather_object(gathered, rng)
         else:
             gathered = [rng]
+        staged = None
+        if self.fsdp:  # every process writes its shards of the weights and the optimizer state
+            staged = ckpt.sharded_staging(self.out, self.step)
+            if self.dist.is_main:
+                shutil.rmtree(staged, ignore_errors=True)
+                staged.mkdir(parents=True)
+            distributed.barrier(self.dist)
+            distributed.save_sharded(self.model, self.optimizer, staged / ckpt.SHARDED)
+            distributed.barrier(self.dist)
         if self.dist.is_main:
-            trainer_state = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                             "rng": gathered}
+            trainer_state = {"scaler": self.scaler.state_dict(), "rng": gathered}
+            if not self.fsdp:
+                trainer_state["optimizer"] = self.optimizer.state_dict()
             state = {"step": self.step, "elapsed": self.elapsed_before + self._session_time(),
                      "data": self.train_loader.state_dict(), "task": self.task.state_dict(),
-                     "world_size": self.dist.world_size, "tokens_seen": self.step * self.total_batch_tokens}
+                     "world_size": self.dist.world_size, "strategy": self.cfg.strategy,
+                     "tokens_seen": self.step * self.total_batch_tokens}
             try:
-                ckpt.save_checkpoint(self.out, self.step, self.model, trainer_state, state,
-                                     keep=self.cfg.keep_checkpoints)
+                ckpt.save_checkpoint(self.out, self.step, None if self.fsdp else self.model, trainer_state, state,
+                                     keep=self.cfg.keep_checkpoints, staged=staged)
             except OSError as e:
                 raise UserError(f"cannot write a checkpoint into {self.out} ({e.strerror}); free space or fix "
                                 "the permissions, then rerun with --resume") from None
@@ -368,12 +400,19 @@ class Trainer:
 
     def _restore(self, path: Path) -> None:
         trainer_state, state = ckpt.load_checkpoint(path)
-        ckpt.load_weights(self.model, path / ckpt.WEIGHTS_FILE)
+        written_with = state.get("strategy", "ddp")
+        if written_with != self.cfg.strategy:
+            raise UserError(f"{path} was written with --strategy {written_with}; resume with it")
+        if self.fsdp:
+            distributed.load_sharded(self.model, self.optimizer, path / ckpt.SHARDED)
+        else:
+            ckpt.load_weights(self.model, path / ckpt.WEIGHTS_FILE)
         try:
             if state.get("world_size") != self.dist.world_size and "data" not in state:
                 raise UserError(f"{path} was written by {state.get('world_size')} processes, this run has "
                                 f"{self.dist.world_size}; resume with the same number of processes")
-            self.optimizer.load_state_dict(trainer_state["optimizer"])
+            if not self.fsdp:
+                self.optimizer.load_state_dict(trainer_state["optimizer"])
             self.scaler.load_state_dict(trainer_state["scaler"])
             data = state["data"] if "data" in state else state["loaders"][self.dist.rank]
             self.train_loader.load_state_dict(data)
@@ -414,8 +453,7 @@ class Trainer:
             batch = self.train_loader.next_batch()
             last = micro == self.grad_accum - 1
             # gradients are averaged across processes only on the last micro-batch
-            sync = contextlib.nullcontext() if (last or not self.dist.enabled) else self.train_model.no_sync()
-            with sync:
+            with distributed.gradient_sync(self.model, self.train_model, self.cfg.strategy, self.dist, last):
                 with self._autocast():
                     loss, metrics = self.task.loss(self.train_model, batch)
                 loss = loss / self.grad_accum
@@ -430,7 +468,7 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         params = [p for p in self.model.parameters() if p.requires_grad]
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        norm = distributed.grad_norm_value(torch.nn.utils.clip_grad_norm_(params, max_norm))
         loss_value = loss_sum.item()
         if not math.isfinite(loss_value):
             last = ckpt.list_checkpoints(self.out)
@@ -444,7 +482,7 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return loss_value, norm.item(), lr, {k: v.item() for k, v in sums.items()}
+        return loss_value, norm, lr, {k: v.item() for k, v in sums.items()}
 
     def run(self) -> TrainResult:
         try:
@@ -511,9 +549,9 @@ class Trainer:
                                              if isinstance(v, float)))
                         self.logger.log({"step": self.step, **metrics,
                                          "tokens": self.step * self.total_batch_tokens})
-            if cfg.sample_every and self.step % cfg.sample_every == 0 and not last and main:
-                text = self.task.sample(self, self.model)
-                if text is not None:
+            if cfg.sample_every and self.step % cfg.sample_every == 0 and not last and (main or self.fsdp):
+                text = self.task.sample(self, self.model)  # (under FSDP every rank takes part in the forward)
+                if text is not None and main:
                     console(f"--- sample at step {self.step} ---\n{text}\n---")
                     self.logger.text("sample", text, self.step)
             if self.step % self.checkpoint_every == 0 or last:
@@ -524,122 +562,21 @@ class Trainer:
             result.final_val_loss = result.val_losses[-1]
         elif not result.evals:
             result.final_val_loss = self.evaluate().get("val_loss")
+        final_model = self.model
+        if self.fsdp:  # the whole model, gathered on rank 0: the run dir holds an ordinary model.safetensors
+            full = distributed.full_state_dict(self.model)
+            if main:
+                final_model = self.task.build_model(self.model_config, resuming=True)
+                final_model.load_state_dict(full)
         if main:
             try:
-                self.task.save_final(self, self.model)
+                self.task.save_final(self, final_model)
                 self.task.finish(self, result)
             except OSError as e:
                 raise UserError(f"cannot write the final weights into {self.out} ({e.strerror}); free space or "
                                 "fix the permissions, then rerun with --resume") from None
         distributed.barrier(self.dist)
         return result
-
-
-# ------------------------------------------------------------------------------ pretraining
-
-
-class LMTask(Task):
-    """Pretraining: next-token prediction on the windows of a prepared data dir."""
-
-    name = "pretrain"
-    cfg: TrainConfig
-
-    def inputs(self) -> list[str]:
-        return [p for p in (self.cfg.data, self.cfg.init_from) if p]
-
-    def load(self, trainer: Trainer) -> None:
-        from gpt2lab.data import check_tokenizer, read_meta
-        from gpt2lab.tokenizer import load_tokenizer_file
-
-        cfg = self.cfg
-        meta = read_meta(cfg.data)
-        self.tokenizer = load_tokenizer_file(Path(cfg.data) / ckpt.TOKENIZER_FILE)
-        check_tokenizer(meta, self.tokenizer)
-        self.data_identity = {"path": str(Path(cfg.data).resolve()),
-                              "tokens": {k: v["tokens"] for k, v in meta["splits"].items()},
-                              "tokenizer_sha256": meta["tokenizer"]["sha256"]}
-        self.trainer = trainer
-
-    def _source(self) -> tuple[GPTConfig, str, str]:
-        """(model config, where it comes from, its tokenizer's sha256 or None)."""
-        cfg = self.cfg
-        if cfg.init_from:
-            info = ckpt.open_run(cfg.init_from, "--init-from")
-            if info.kind != "lm":
-                raise UserError(f"--init-from {cfg.init_from} is a classifier; start from a language model run")
-            return info.model_config, f"--init-from {cfg.init_from}", info.tokenizer_sha256
-        overrides = model_overrides(cfg)
-        return GPTConfig.from_preset(cfg.model, vocab_size=self.tokenizer.vocab_size, **overrides), "", None
-
-    def model_config(self, stored: GPTConfig | None) -> GPTConfig:
-        cfg = self.cfg
-        if stored is not None:
-            base, source = stored, f"the run being resumed ({cfg.out})"
-            sha, origin = ckpt.open_run(cfg.out, "--out").tokenizer_sha256, cfg.out
-        else:
-            (base, source, sha), origin = self._source(), cfg.init_from
-        if sha is not None and sha != self.tokenizer.fingerprint:
-            raise UserError(f"{source} was trained with another tokenizer than the data in {cfg.data}; prepare "
-                            f"the data with the run's tokenizer (`gpt2lab prepare --tokenizer {origin}`)")
-        if not source:
-            return base
-        # the model comes from a run: a size flag that disagrees with it cannot be honoured
-        values = base.to_dict()
-        for name, given in model_overrides(cfg).items():
-            if given != values[name]:
-                if name in ("dropout",):
-                    values[name] = given
-                    continue
-                raise UserError(f"--{name.replace('_', '-')} {given} disagrees with {source} ({values[name]}); "
-                                "drop the flag")
-        return GPTConfig.from_dict(values)
-
-    def build_model(self, model_config: GPTConfig, resuming: bool) -> torch.nn.Module:
-        model = GPT(model_config)
-        if self.cfg.init_from and not resuming:
-            start, _ = ckpt.load_run(self.cfg.init_from, kind="lm", flag="--init-from")
-            model.load_state_dict(start.state_dict())
-        return model
-
-    def train_loader(self, trainer: Trainer):
-        from gpt2lab.data import TokenLoader
-
-        cfg, dist = self.cfg, trainer.dist
-        vocab = trainer.model_config.vocab_size
-        loader = TokenLoader(cfg.data, "train", cfg.batch_size, trainer.seq_len, mode=cfg.data_order,
-                             seed=cfg.seed, rank=dist.rank, world_size=dist.world_size, device=trainer.device,
-                             vocab_size=vocab)
-        try:
-            val = TokenLoader(cfg.data, "val", cfg.batch_size, trainer.seq_len, mode="sequential", seed=0,
-                              rank=dist.rank, world_size=dist.world_size, device=trainer.device,
-                              vocab_size=vocab)
-        except UserError as e:
-            raise UserError(f"validation split: {e}") from None
-        self.val_batches = [val.next_batch() for _ in range(cfg.eval_batches)]
-        return loader
-
-    def loss(self, model, batch):
-        x, y = batch
-        return lm_loss(model(x), y), {}
-
-    def evaluate(self, trainer: Trainer, model) -> dict:
-        total = torch.zeros((), device=trainer.device)
-        for x, y in self.val_batches:
-            total += lm_loss(model(x), y)
-        total /= len(self.val_batches)
-        return {"val_loss": distributed.all_reduce_mean(total, trainer.dist).item()}
-
-    def sample(self, trainer: Trainer, model) -> str | None:
-        from gpt2lab.generate import generate
-
-        tok = self.tokenizer
-        if not trainer.cfg.sample_tokens or tok.eot_id is None:
-            return None
-        gen = torch.Generator(device=trainer.device).manual_seed(trainer.cfg.seed + trainer.step)
-        with trainer._autocast():
-            ids = generate(model, [tok.eot_id], trainer.cfg.sample_tokens, temperature=1.0, top_k=50,
-                           eot_id=tok.eot_id, generator=gen)
-        return tok.decode(ids)
 
 
 def run_task(cfg: LoopConfig, task: Task, given: dict | None = None) -> TrainResult:
@@ -649,7 +586,3 @@ def run_task(cfg: LoopConfig, task: Task, given: dict | None = None) -> TrainRes
         return Trainer(cfg, task, info, given).run()
     finally:
         distributed.teardown(info)
-
-
-def pretrain(cfg: TrainConfig, given: dict | None = None) -> TrainResult:
-    return run_task(cfg, LMTask(cfg), given)

@@ -63,7 +63,7 @@ def tiny_data_other_tokenizer(tmp_path_factory, tiny_corpus) -> Path:
 _FORK_LAUNCHER = r"""
 import json, os, re, signal, socket, sys, time, traceback
 import torch
-import gpt2lab.checkpoint, gpt2lab.cli, gpt2lab.data, gpt2lab.generate, gpt2lab.train  # noqa: F401
+import gpt2lab.checkpoint, gpt2lab.cli, gpt2lab.data, gpt2lab.generate, gpt2lab.pretrain  # noqa: F401
 
 spec = json.load(open(sys.argv[1]))
 if spec["preload_dynamo"]:

@@ -14,7 +14,8 @@ from gpt2lab import cli
 from gpt2lab.config import ClassifyConfig, LoopConfig, SFTConfig, TrainConfig, load_config_file, merge_for_resume
 from gpt2lab.errors import UserError
 from gpt2lab.model_config import GPTConfig, model_fields
-from gpt2lab.train import model_overrides, pretrain
+from gpt2lab.pretrain import pretrain
+from gpt2lab.train import model_overrides
 
 
 @pytest.fixture(autouse=True)
@@ -131,7 +132,8 @@ def test_good_numbers_pass(tmp_path):
 # the settings that may differ from the stored ones on --resume (api.md: max_steps, eval/log/sample/checkpoint
 # settings, device, dtype, compile, tensorboard; and the run dir's own path, which may have moved)
 RESUMABLE = {"out", "max_steps", "eval_every", "eval_batches", "sample_every", "sample_tokens", "log_every",
-             "checkpoint_every", "keep_checkpoints", "tensorboard", "device", "dtype", "compile", "resume"}
+             "checkpoint_every", "keep_checkpoints", "tensorboard", "device", "dtype", "compile", "resume",
+             "activation_checkpointing"}
 
 
 def test_which_settings_may_change_on_resume():

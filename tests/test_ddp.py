@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from gpt2lab.config import TrainConfig
 from gpt2lab.data import GlobalOrder, TokenLoader, load_tokens
 from gpt2lab.errors import UserError
-from gpt2lab.train import pretrain
+from gpt2lab.pretrain import pretrain
 
 SEQ = 32
 BASE = dict(model="tiny", block_size=SEQ, batch_size=4, max_steps=6, lr=3e-3, warmup_steps=2,
@@ -195,7 +195,8 @@ def test_torchrun_two_processes_equal_one_with_double_batch(tiny_data, tmp_path)
     proc = subprocess.Popen([*torchrun, "-m", "gpt2lab", *cli_args(tiny_data, ddp, batch_size=4)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        ref = pretrain(cfg(tiny_data, single, batch_size=8))  # meanwhile, in this process
+        # meanwhile, in this process: the same 8 x SEQ tokens per step as 4 x SEQ x 2 accumulation
+        ref = pretrain(cfg(tiny_data, single, batch_size=4, total_batch_tokens=8 * SEQ))
         out, err = proc.communicate(timeout=300)
     finally:
         proc.kill()
@@ -207,7 +208,7 @@ def test_torchrun_two_processes_equal_one_with_double_batch(tiny_data, tmp_path)
     assert sorted(losses) == ref.steps == list(range(1, 7))
     assert [losses[s] for s in ref.steps] == pytest.approx(ref.losses, abs=1e-5, rel=0)
     assert ref.losses[-1] != pytest.approx(ref.losses[0], abs=1e-3)
-    # the validation windows are split across the ranks: 2 x 4 of them per batch = the 8 of one process
+    # validation: the same batches whatever the number of processes, each process scoring its share
     assert sorted(vals) == ref.val_steps == [3, 6]
     assert [vals[s] for s in ref.val_steps] == pytest.approx(ref.val_losses, abs=1e-5, rel=0)
     close_weights(ddp, single, atol=1e-5)

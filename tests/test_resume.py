@@ -24,7 +24,8 @@ from gpt2lab.checkpoint import list_checkpoints
 from gpt2lab.config import TrainConfig
 from gpt2lab.data import TokenLoader
 from gpt2lab.optim import lr_at
-from gpt2lab.train import Trainer, pretrain
+from gpt2lab.pretrain import pretrain
+from gpt2lab.train import Trainer
 
 SEQ = 32
 BASE = dict(model="tiny", block_size=SEQ, batch_size=8, max_steps=16, lr=3e-3, warmup_steps=2,

@@ -21,15 +21,16 @@ import torch
 from safetensors.torch import load_file
 
 from gpt2lab import cli
-from gpt2lab import train as train_mod
+from gpt2lab import pretrain as train_mod  # the module whose task computes the loss
 from gpt2lab.checkpoint import list_checkpoints, load_run
 from gpt2lab.config import TrainConfig, load_config_file
 from gpt2lab.data import TokenLoader, read_meta
 from gpt2lab.errors import UserError
 from gpt2lab.model import GPT, GPTConfig
 from gpt2lab.optim import ScratchAdamW, lr_at, make_optimizer, param_groups
+from gpt2lab.pretrain import pretrain
 from gpt2lab.tokenizer import load_tokenizer_file
-from gpt2lab.train import IGNORE_INDEX, NonFiniteLoss, lm_loss, pretrain
+from gpt2lab.train import IGNORE_INDEX, NonFiniteLoss, lm_loss
 
 SEQ = 32
 TINY = dict(model="tiny", block_size=SEQ, batch_size=8, max_steps=10, lr=3e-3, warmup_steps=2,

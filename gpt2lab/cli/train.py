@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 
-from gpt2lab.cli import comma_list, finite_float
+from gpt2lab.cli import comma_list, finite_float, positive_int
+
+
+def _gib(text: str) -> float:
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be a positive number of GiB")
+    return value
 
 
 def add_config_flags(p: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
@@ -30,6 +37,7 @@ def add_config_flags(p: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()
             if isinstance(default, bool):
                 shown = "on" if default else "off"
             help_text += f" (default {shown})"
+        help_text = help_text.replace("%", "%%")  # argparse formats help with %
         target = model_group if meta.get("model") else p
         if kind is bool:
             target.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
@@ -61,9 +69,14 @@ def resolve_config(args, cls):
 
 def cmd_pretrain(args) -> int:
     from gpt2lab.config import TrainConfig
-    from gpt2lab.train import pretrain
+    from gpt2lab.pretrain import pretrain
 
     cfg, given = resolve_config(args, TrainConfig)
+    if args.dry_run:
+        from gpt2lab.plan import plan
+
+        print(plan(cfg, processes=args.processes, gpu_memory=args.gpu_memory))
+        return 0
     result = pretrain(cfg, given)
     if int(os.environ.get("RANK", "0")) == 0:
         _after_training(result, result.settings or cfg)
@@ -105,6 +118,13 @@ def register(sub) -> None:
                        "(--max-steps extends the run; logging, evaluation, checkpoint and device flags).")
     t.add_argument("--config", default=None, help="a TOML or YAML file of settings")
     add_config_flags(t, TrainConfig)
+    d = t.add_argument_group("planning (nothing is trained)")
+    d.add_argument("--dry-run", action="store_true", help="print the plan: parameters, tokens per step, "
+                   "accumulation, FLOPs, and the estimated memory per process under ddp and fsdp")
+    d.add_argument("--gpu-memory", type=_gib, default=None, metavar="GIB",
+                   help="with --dry-run: the memory of one GPU; says what to change when the run will not fit")
+    d.add_argument("--processes", type=positive_int, default=None,
+                   help="with --dry-run: plan for this many processes (default: torchrun's, else 1)")
     t.set_defaults(func=cmd_pretrain)
 
     pl = sub.add_parser("plot", help="plot a run's loss and learning-rate curves to a PNG")

@@ -28,13 +28,13 @@ from pathlib import Path
 import torch
 
 from gpt2lab import checkpoint as ckpt
-from gpt2lab import distributed, io
+from gpt2lab import io
 from gpt2lab.config import SFTConfig
 from gpt2lab.data import GlobalOrder
 from gpt2lab.errors import UserError
 from gpt2lab.model import GPT, GPTConfig
 from gpt2lab.templates import encode_messages, record_messages
-from gpt2lab.train import IGNORE_INDEX, Task, Trainer, lm_loss, model_overrides, run_task
+from gpt2lab.train import IGNORE_INDEX, Task, Trainer, held_out_mean, lm_loss, model_overrides, run_task
 
 # ------------------------------------------------------------------------------ records
 
@@ -195,14 +195,14 @@ class SFTTask(Task):
         train_examples, val_examples = encode(self.records[0]), encode(self.records[1])
         train = SFTLoader(train_examples, cfg.batch_size, self.tokenizer.eot_id, seed=cfg.seed,
                           rank=dist.rank, world_size=dist.world_size, device=trainer.device)
-        if val_examples:
+        if val_examples:  # the same batches on every process (each evaluates its share)
             val = SFTLoader(val_examples, cfg.batch_size, self.tokenizer.eot_id, shuffle=False,
-                            rank=dist.rank, world_size=dist.world_size, device=trainer.device)
+                            device=trainer.device)
             n = min(cfg.eval_batches, val.steps_per_epoch)
             self.val_batches = [val.next_batch() for _ in range(n)]
         else:  # no held-out data: a fixed training batch
             fixed = SFTLoader(train_examples, cfg.batch_size, self.tokenizer.eot_id, shuffle=False,
-                              rank=dist.rank, world_size=dist.world_size, device=trainer.device)
+                              device=trainer.device)
             self.val_batches = [fixed.next_batch()]
         return train
 
@@ -211,11 +211,7 @@ class SFTTask(Task):
         return lm_loss(model(x), y), {}
 
     def evaluate(self, trainer: Trainer, model) -> dict:
-        total = torch.zeros((), device=trainer.device)
-        for x, y in self.val_batches:
-            total += lm_loss(model(x), y)
-        total /= len(self.val_batches)
-        return {"val_loss": distributed.all_reduce_mean(total, trainer.dist).item()}
+        return {"val_loss": held_out_mean(trainer, self.val_batches, lambda b: lm_loss(model(b[0]), b[1]))}
 
     def run_config(self) -> dict:
         extra = {"template": self.format, "base": {"run_dir": str(Path(self.cfg.init).resolve())}}
