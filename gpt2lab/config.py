@@ -27,13 +27,13 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 from gpt2lab.errors import UserError
-from gpt2lab.model_config import PRESETS, model_fields
+from gpt2lab.model_config import PRESETS, STARTING_RUN_FIELDS, model_fields
 
 DTYPE_NAMES = ("auto", "fp32", "bf16", "fp16")
-OPTIMIZERS = ("adamw", "adamw-scratch")
+OPTIMIZERS = ("adamw", "adamw-scratch", "muon")
 SCHEDULES = ("cosine", "constant")
 # model fields that may differ from the starting run when fine-tuning (the rest come from it)
-FINETUNE_MODEL_FIELDS = ("dropout",)
+FINETUNE_MODEL_FIELDS = STARTING_RUN_FIELDS
 
 
 def opt(default, help: str, *, choices=None, check=None, resumable: bool = False, **meta):
@@ -79,8 +79,12 @@ class LoopConfig:
     seq_len: int | None = opt(None, "tokens per sequence (default: the model's context length)", check=POSITIVE)
     total_batch_tokens: int | None = opt(None, "tokens per optimizer step; gradient accumulation is derived "
                                          "from it (default: one micro-batch per process)", check=POSITIVE)
-    optimizer: str = opt("adamw", "adamw (torch's, fused on CUDA) or adamw-scratch (written out in "
-                         "gpt2lab/optim.py)", choices=OPTIMIZERS)
+    optimizer: str = opt("adamw", "adamw (torch's, fused on CUDA), adamw-scratch (written out in gpt2lab/optim.py), "
+                         "or muon (Muon for the blocks' matrices at --muon-lr, AdamW for the rest at --lr)",
+                         choices=OPTIMIZERS)
+    muon_lr: float = opt(0.02, "Muon's peak learning rate (--optimizer muon); warmup and decay follow --lr's",
+                         check=_finite(0, 10, lo_open=True))
+    muon_momentum: float = opt(0.95, "Muon's momentum (Nesterov)", check=_finite(0, 1, hi_open=True))
     lr: float = opt(6e-4, "peak learning rate", check=_finite(0, 10, lo_open=True))
     min_lr: float | None = opt(None, "learning rate at the end of the cosine decay (default: lr / 10)",
                                check=_finite(0, 10))
@@ -140,6 +144,8 @@ class LoopConfig:
                 raise UserError(f"{flag(f.name)} must be {check[1]}, got {value!r}")
         if self.min_lr is not None and self.min_lr > self.lr:
             raise UserError(f"--min-lr must be between 0 and --lr ({self.lr}), got {self.min_lr}")
+        if self.strategy == "fsdp" and self.optimizer == "muon":
+            raise UserError("--optimizer muon works with --strategy ddp (Muon needs each matrix whole)")
         if self.strategy == "fsdp" and self.dtype == "fp16":
             raise UserError("--strategy fsdp trains in fp32 or bf16; use --dtype bf16 (or fp32)")
 
@@ -206,8 +212,8 @@ class SFTConfig(LoopConfig):
     lora_alpha: float = opt(16.0, "LoRA scale numerator (the update is alpha/rank * B A)",
                             check=_finite(0, lo_open=True))
     lora_dropout: float = opt(0.0, "dropout on the LoRA input", check=FRACTION)
-    lora_targets: str = opt("c_attn,c_proj,c_fc", "comma-separated layers to adapt: c_attn, c_proj, c_fc, "
-                            "attn, mlp, h.N")
+    lora_targets: str = opt("all", "comma-separated layers to adapt: all (every linear layer of the blocks), "
+                            "c_attn, c_proj, c_fc, attn, mlp, h.N, or any layer's name")
     lr: float = opt(1e-4, "peak learning rate", check=_finite(0, 10, lo_open=True))
     warmup_steps: int = opt(20, "steps of linear warmup", check=NONNEG)
     eval_every: int | None = opt(100, "evaluate every N steps (and at the end)", check=POSITIVE, resumable=True)
@@ -253,8 +259,8 @@ class ClassifyConfig(LoopConfig):
     lora_rank: int = opt(8, "LoRA rank r (--train-mode lora)", check=POSITIVE)
     lora_alpha: float = opt(16.0, "LoRA alpha; the update is scaled by alpha/r", check=_finite(0, lo_open=True))
     lora_dropout: float = opt(0.0, "dropout on the adapters' input", check=_finite(0, 1, hi_open=True))
-    lora_targets: str = opt("c_attn,c_proj,c_fc", "layers to adapt: c_attn, c_proj, c_fc, attn.c_proj, "
-                            "mlp.c_proj, attn, mlp, h.N (default: every linear layer)")
+    lora_targets: str = opt("all", "layers to adapt: all (every linear layer of the blocks), c_attn, c_proj, "
+                            "c_fc, attn.c_proj, mlp.c_proj, attn, mlp, h.N")
     random_init: bool = opt(False, "a baseline: keep --init's architecture and tokenizer but start from random "
                             "weights")
     keep_best: bool = opt(True, "keep the weights of the epoch with the best validation accuracy (else the last)")

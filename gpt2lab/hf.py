@@ -70,6 +70,7 @@ from pathlib import Path
 
 from gpt2lab import io
 from gpt2lab.errors import UserError
+from gpt2lab.hf_llama import check_llama, config_to_llama, gpt2lab_to_llama
 from gpt2lab.hf_tokenizer import hf_tokenizer_files, read_hf_tokenizer
 from gpt2lab.tokenizer.bpe import EOT, GPT2_PATTERN
 
@@ -407,9 +408,20 @@ def export_hf(run_dir: str | os.PathLike, out: str | os.PathLike, *, overwrite: 
     if tok.eot_id is None:
         raise UserError(f"the run's tokenizer has no {EOT} token, which GPT-2's tokenizer files need as "
                         "bos/eos; retrain the tokenizer with `gpt2lab tokenizer train`")
+    obstacle = gpt2_obstacle(config)
+    if obstacle is not None:
+        if info.kind == "classifier":
+            raise UserError(f"only classifiers of GPT-2's architecture export (as GPT2ForSequenceClassification); "
+                            f"this one has {obstacle}")
+        check_llama(config)
     model, _ = load_run(run_dir)  # checks the tokenizer and the weights; LoRA adapters merged
     state = unique_state_dict(model)
-    hf_config = config_to_hf(config, tok.eot_id, str(state["transformer.wte.weight"].dtype).removeprefix("torch."))
+    dtype_name = str(state["transformer.wte.weight"].dtype).removeprefix("torch.")
+    if obstacle is not None:  # Llama-shaped
+        _write_export(out, run_dir, info, tok, config, gpt2lab_to_llama(state, config),
+                      config_to_llama(config, tok.eot_id, dtype_name))
+        return out
+    hf_config = config_to_hf(config, tok.eot_id, dtype_name)
     score = None
     if info.kind == "classifier":
         score = _fold_score_bias(state, info.labels)
@@ -430,9 +442,28 @@ def export_hf(run_dir: str | os.PathLike, out: str | os.PathLike, *, overwrite: 
         hf["score.weight"] = score[0]
         shapes["score.weight"] = tuple(score[0].shape)
     assert {k: tuple(v.shape) for k, v in hf.items()} == shapes
+    _write_export(out, run_dir, info, tok, config, hf, hf_config)
+    return out
 
+
+def gpt2_obstacle(config) -> str | None:
+    """Why GPT-2's config.json cannot express this model (the first option that differs), or None."""
+    from gpt2lab.model_config import GPTConfig
+
+    gpt2 = GPTConfig()
+    for name in ("pos_embedding", "norm", "qk_norm", "mlp", "tie_embeddings", "n_experts", "attention"):
+        if getattr(config, name) != getattr(gpt2, name):
+            return f"--{name.replace('_', '-')} {str(getattr(config, name)).lower()}"
+    if config.kv_heads != config.n_head:
+        return f"--n-kv-head {config.n_kv_head}"
+    if config.hidden_size != 4 * config.n_embd:
+        return f"--mlp-hidden {config.mlp_hidden}"
+    return None
+
+
+def _write_export(out: Path, run_dir: Path, info, tok, config, tensors: dict, hf_config: dict) -> None:
     with io.staging(out) as tmp:
-        io.save_tensors(hf, tmp / SAFETENSORS)
+        io.save_tensors(tensors, tmp / SAFETENSORS)
         io.write_json(tmp / "config.json", hf_config)
         io.write_json(tmp / "generation_config.json", {"bos_token_id": tok.eot_id, "eos_token_id": tok.eot_id})
         for name, content in hf_tokenizer_files(tok, config.block_size).items():
@@ -441,9 +472,8 @@ def export_hf(run_dir: str | os.PathLike, out: str | os.PathLike, *, overwrite: 
             else:
                 io.write_json(tmp / name, content)
         io.write_json(tmp / io.EXPORT_MARKER, {"format": "gpt2lab-export", "run_dir": str(run_dir.resolve()),
-                                               "kind": info.kind})
+                                               "kind": info.kind, "architecture": hf_config["architectures"][0]})
         io.publish(tmp, out)
-    return out
 
 
 def _fold_score_bias(state: dict, labels: list[str]):

@@ -29,68 +29,92 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from gpt2lab.errors import UserError
+from gpt2lab.layers import LatentAttention, MoE, RMSNorm, Rotary, apply_rotary, make_norm
 from gpt2lab.model_config import PRESETS, GPTConfig, model_fields  # noqa: F401 (the config lives with the model)
 
 # ------------------------------------------------------------------------------ the modules
 
 
 class CausalSelfAttention(nn.Module):
+    """Causal self-attention: multi-head (GPT-2), or grouped-query with fewer key/value heads (`n_kv_head`),
+    with rotary positions and query/key normalisation when the config asks for them."""
+
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.n_head, self.head_dim = config.n_head, config.head_dim
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
         self.dropout = config.dropout
-        # query, key and value for all heads in one matmul
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        # queries, keys and values for all heads in one matmul
+        self.c_attn = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim,
+                                bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.q_norm = RMSNorm(self.head_dim) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim) if config.qk_norm else None
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, rope: tuple | None = None, mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        """x (B, T, C). `mask` (B or 1, 1, T, keys): True (or 0.0) where a query may attend; None means
-        causal among the T new tokens, with every cached key visible (the caller passes a mask
-        whenever that is not enough). `positions` are unused by GPT-2's attention (its positions are
-        embeddings); position-dependent attention reads them here."""
+        """x (B, T, C). `rope`: (cos, sin) of the tokens' positions, for rotary attention. `mask` (B or 1, 1,
+        T, keys): True (or 0.0) where a query may attend; None means causal among the T new tokens, with
+        every cached key visible (the caller passes a mask whenever that is not enough)."""
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        # (B, T, C) -> (B, n_head, T, head_dim)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.c_attn(x).split([H * D, Hkv * D, Hkv * D], dim=2)
+        # (B, T, heads * D) -> (B, heads, T, D)
+        q = q.view(B, T, H, D).transpose(1, 2)
+        k = k.view(B, T, Hkv, D).transpose(1, 2)
+        v = v.view(B, T, Hkv, D).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
             # keys and values of earlier tokens come from the cache; only the new ones are computed
             k, v = cache.update(layer, k, v)
-        # softmax(q k^T / sqrt(head_dim)) v; flash attention where the kernel allows it
+        # softmax(q k^T / sqrt(head_dim)) v; flash attention where the kernel allows it. With fewer key/value
+        # heads, each serves n_head / n_kv_head query heads.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                           dropout_p=self.dropout if self.training else 0.0)
+                                           dropout_p=self.dropout if self.training else 0.0,
+                                           enable_gqa=Hkv != H)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
+    """GPT-2's MLP, Linear(C, 4C) -> GELU(tanh) -> Linear(4C, C); or ReLU squared; or SwiGLU, whose first
+    matmul gives a gate and a value (silu(gate) * value)."""
+
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2 used the tanh approximation
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.kind, hidden = config.mlp, config.hidden_size
+        self.c_fc = nn.Linear(config.n_embd, (2 if self.kind == "swiglu" else 1) * hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        h = self.c_fc(x)
+        if self.kind == "swiglu":
+            gate, value = h.chunk(2, dim=-1)
+            h = F.silu(gate) * value
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
+        else:
+            h = F.gelu(h, approximate="tanh")  # GPT-2 used the tanh approximation
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block: normalise, transform, add back."""
+    """Pre-norm transformer block: normalise, transform, add back."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
-        self.mlp = MLP(config)
+        self.ln_1 = make_norm(config)
+        self.attn = LatentAttention(config) if config.attention == "mla" else CausalSelfAttention(config)
+        self.ln_2 = make_norm(config)
+        self.mlp = MoE(config, MLP) if config.n_experts else MLP(config)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, rope: tuple | None = None, mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), positions, mask, cache, layer)
+        x = x + self.attn(self.ln_1(x), rope, mask, cache, layer)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -102,16 +126,19 @@ def causal_mask(T: int, past: int, device) -> torch.Tensor:
 
 
 class Transformer(nn.Module):
-    """Embeddings, blocks and the final LayerNorm: ids (B, T) -> hidden states (B, T, C)."""
+    """Embeddings, blocks and the final norm: ids (B, T) -> hidden states (B, T, C)."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        if config.pos_embedding == "learned":
+            self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        else:
+            self.rotary = Rotary(config)
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
-        self.ln_f = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
+        self.ln_f = make_norm(config)
         self.activation_checkpointing = False  # a training setting, not part of the model
 
     def forward(self, idx: torch.Tensor, positions: torch.Tensor | None = None,
@@ -127,13 +154,19 @@ class Transformer(nn.Module):
             positions = torch.arange(past, past + T, device=idx.device)
         if mask is None and past > 0 and T > 1:
             mask = causal_mask(T, past, idx.device)  # new tokens after cached ones: causal, shifted
-        x = self.drop(self.wte(idx) + self.wpe(positions))
+        x = self.wte(idx)
+        rope = None
+        if self.config.pos_embedding == "learned":
+            x = x + self.wpe(positions)
+        else:
+            rope = self.rotary(positions)
+        x = self.drop(x)
         for i, block in enumerate(self.h):
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 # keep only each block's input; its activations are recomputed in the backward pass
-                x = checkpoint(block, x, positions, mask, cache, i, use_reentrant=False)
+                x = checkpoint(block, x, rope, mask, cache, i, use_reentrant=False)
             else:
-                x = block(x, positions, mask, cache, i)
+                x = block(x, rope, mask, cache, i)
         if cache is not None:
             cache.advance(T)
         return self.ln_f(x)
@@ -155,12 +188,6 @@ def init_weights(model: nn.Module, n_layer: int) -> None:
             nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
 
 
-def _matmul_weights(model: nn.Module) -> int:
-    """Entries of every weight that multiplies an activation (Linear layers, LoRA-wrapped ones too)."""
-    return sum(m.weight.numel() for m in model.modules()
-               if isinstance(m, nn.Linear) or hasattr(m, "lora_A"))
-
-
 class _CountsMixin:
     transformer: Transformer
     config: GPTConfig
@@ -176,14 +203,23 @@ class _CountsMixin:
     def flops_per_token(self, seq_len: int | None = None) -> int:
         """Training FLOPs per token (forward + backward), as in the PaLM paper's appendix B: 6 per
         parameter (the position table, a lookup, left out), plus the attention scores and their
-        weighted sum, 12 * T * (heads x head size) per layer."""
+        weighted sum, 12 * T * (heads x head size) per layer. A mixture of experts counts the experts a
+        token runs, not all of them."""
         T = seq_len or self.config.block_size
         n = self.num_params()
         wpe = getattr(self.transformer, "wpe", None)
         if isinstance(wpe, nn.Embedding):
             n -= wpe.weight.numel()
-        attn = sum(m.n_head * m.head_dim for m in self.modules() if isinstance(m, CausalSelfAttention))
-        return 6 * n + 12 * attn * T
+        for moe in (m for m in self.modules() if isinstance(m, MoE)):  # a token runs k of the E experts
+            per_expert = sum(p.numel() for p in moe.experts[0].parameters())
+            n -= (moe.n_experts - moe.k) * per_expert
+        attn = 0  # per token: scores (query . key) and the weighted sum of values, for every head
+        for m in self.modules():
+            if isinstance(m, CausalSelfAttention):
+                attn += m.n_head * 2 * m.head_dim
+            elif isinstance(m, LatentAttention):
+                attn += m.n_head * (2 * m.head_dim + m.rope_dim)
+        return 6 * n + 6 * attn * T
 
 
 class GPT(_CountsMixin, nn.Module):
@@ -192,13 +228,14 @@ class GPT(_CountsMixin, nn.Module):
         self.config = config
         self.transformer = Transformer(config)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
-        # weight tying: the output projection is the token embedding matrix
-        self.lm_head.weight = self.transformer.wte.weight
+        if config.tie_embeddings:
+            # weight tying: the output projection is the token embedding matrix
+            self.lm_head.weight = self.transformer.wte.weight
         init_weights(self, config.n_layer)
 
     def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None, *,
                       positions: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T, C) after the final LayerNorm; `head` turns any selection of them into logits."""
+        """(B, T, C) after the final norm; `head` turns any selection of them into logits."""
         return self.transformer(idx, positions, mask, kv_cache)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:

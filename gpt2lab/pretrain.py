@@ -20,7 +20,17 @@ from gpt2lab.config import TrainConfig
 from gpt2lab.data import document_inputs
 from gpt2lab.errors import UserError
 from gpt2lab.model import GPT, GPTConfig
-from gpt2lab.train import Task, Trainer, TrainResult, held_out_mean, lm_loss, model_overrides, run_task
+from gpt2lab.model_config import derive
+from gpt2lab.train import (
+    Task,
+    Trainer,
+    TrainResult,
+    held_out_mean,
+    lm_loss,
+    model_overrides,
+    moe_terms,
+    run_task,
+)
 
 
 class LMTask(Task):
@@ -43,7 +53,6 @@ class LMTask(Task):
         self.data_identity = {"path": str(Path(cfg.data).resolve()),
                               "tokens": {k: v["tokens"] for k, v in meta["splits"].items()},
                               "tokenizer_sha256": meta["tokenizer"]["sha256"]}
-        self.trainer = trainer
 
     def _source(self) -> tuple[GPTConfig, str, str]:
         """(model config, where it comes from, its tokenizer's sha256 or None)."""
@@ -59,8 +68,9 @@ class LMTask(Task):
     def model_config(self, stored: GPTConfig | None) -> GPTConfig:
         cfg = self.cfg
         if stored is not None:
-            base, source = stored, f"the run being resumed ({cfg.out})"
-            sha, origin = ckpt.open_run(cfg.out, "--out").tokenizer_sha256, cfg.out
+            run = self.trainer.out
+            base, source, sha, origin = stored, f"the run being resumed ({run})", \
+                ckpt.open_run(run).tokenizer_sha256, run
         else:
             (base, source, sha), origin = self._source(), cfg.init_from
         if sha is not None and sha != self.tokenizer.fingerprint:
@@ -68,16 +78,15 @@ class LMTask(Task):
                             f"the data with the run's tokenizer (`gpt2lab prepare --tokenizer {origin}`)")
         if not source:
             return base
-        # the model comes from a run: a size flag that disagrees with it cannot be honoured
-        values = base.to_dict()
-        for name, given in model_overrides(cfg).items():
-            if given != values[name]:
-                if name in ("dropout",):
-                    values[name] = given
-                    continue
-                raise UserError(f"--{name.replace('_', '-')} {given} disagrees with {source} ({values[name]}); "
-                                "drop the flag")
-        return GPTConfig.from_dict(values)
+        if stored is not None:  # a resumed run keeps its model (its dropout may change)
+            overrides = model_overrides(cfg)
+            for name, given in overrides.items():
+                if name != "dropout" and given != getattr(base, name):
+                    raise UserError(f"--{name.replace('_', '-')} {given} disagrees with {source} "
+                                    f"({getattr(base, name)}); drop the flag")
+            return GPTConfig.from_dict({**base.to_dict(), "dropout": overrides.get("dropout", base.dropout)})
+        # the model comes from another run: only what a starting run allows may differ
+        return derive(base, model_overrides(cfg), source)
 
     def build_model(self, model_config: GPTConfig, resuming: bool) -> torch.nn.Module:
         model = GPT(model_config)
@@ -112,7 +121,9 @@ class LMTask(Task):
 
     def loss(self, model, batch):
         x, y = batch
-        return lm_loss(self._logits(model, x), y), {}
+        loss = lm_loss(self._logits(model, x), y)
+        extra, metrics = moe_terms(self.trainer.model)
+        return loss + extra, metrics
 
     def evaluate(self, trainer: Trainer, model) -> dict:
         loss = held_out_mean(trainer, self.val_batches, lambda b: lm_loss(self._logits(model, b[0]), b[1]))

@@ -84,6 +84,21 @@ def model_overrides(cfg) -> dict:
     return {f.name: getattr(cfg, f.name) for f in model_fields() if getattr(cfg, f.name, None) is not None}
 
 
+def moe_terms(model: torch.nn.Module) -> tuple[torch.Tensor | float, dict]:
+    """The mixture of experts' share of the objective after a forward pass: its load-balancing loss (x the
+    config's weight, when the model balances with a loss) and the expert load, for the log. (0.0, {}) for a
+    dense model."""
+    from gpt2lab.layers import MoE
+
+    layers = [m for m in model.modules() if isinstance(m, MoE) and m.aux_loss is not None]
+    if not layers:
+        return 0.0, {}
+    aux = torch.stack([m.aux_loss for m in layers]).mean()
+    busiest = torch.stack([m.load.max() * m.n_experts for m in layers]).mean()  # 1.0: perfectly even
+    extra = aux * model.config.moe_aux_weight if model.config.moe_balance == "loss" else 0.0
+    return extra, {"moe_aux": aux.detach(), "moe_max_load": busiest}
+
+
 def held_out_mean(trainer: Trainer, batches: list, loss_fn) -> float:
     """The mean of `loss_fn` over `batches` (the same list on every process): rank r takes batches r, r + W,
     ..., so the result does not depend on the number of processes W. Every process runs the same number of
@@ -116,6 +131,7 @@ class Task:
     kind = "lm"  # the kind of run dir it writes
     tokenizer = None
     data_identity: dict | None = None
+    trainer: Trainer | None = None  # set by the Trainer that runs the task
 
     def __init__(self, cfg: LoopConfig):
         self.cfg = cfg
@@ -182,6 +198,7 @@ class Trainer:
         self.device = dist.device
         self.dtype = _resolve_dtype(cfg.dtype, self.device)
         self.lock = None
+        task.trainer = self
         self._created_out = self.out is not None and not self.out.exists()
         distributed.agree(dist, self._claim_out_dir)  # rank 0 checks and locks; every rank learns the outcome
         try:
@@ -243,7 +260,8 @@ class Trainer:
         self.optimizer = make_optimizer(
             self.model, kind=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
             betas=(cfg.beta1, cfg.beta2), decay_embeddings=cfg.decay_embeddings,
-            device_type=self.device.type if not self.fsdp else "sharded")
+            device_type=self.device.type if not self.fsdp else "sharded", muon_lr=cfg.muon_lr,
+            muon_momentum=cfg.muon_momentum)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
 
         self.train_loader = task.train_loader(self)
@@ -446,7 +464,7 @@ class Trainer:
         lr = lr_at(self.step, lr=cfg.lr, min_lr=self.min_lr, warmup_steps=cfg.warmup_steps,
                    max_steps=self.max_steps, schedule=cfg.lr_schedule)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         loss_sum = torch.zeros((), device=self.device)
         sums: dict[str, torch.Tensor] = {}
         for micro in range(self.grad_accum):
@@ -481,6 +499,9 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        for module in self.model.modules():  # layers that adjust themselves between steps (MoE balance)
+            if hasattr(module, "after_step"):
+                module.after_step()
         self.step += 1
         return loss_value, norm, lr, {k: v.item() for k, v in sums.items()}
 

@@ -164,7 +164,7 @@ def test_lora_mode_keeps_the_base_and_merges(setup, tmp_path):
     adapters = load_file(str(out / LORA_FILE))
     assert adapters and all(k.endswith((".lora_A", ".lora_B")) for k in adapters)
     assert ckpt.read_run_config(out)["lora"] == {"rank": 4, "alpha": 8.0, "dropout": 0.0,
-                                                 "targets": ["c_attn", "c_proj", "c_fc"]}
+                                                 "targets": ["all"]}
 
     texts = ["free cash now", "see you at lunch", "the prize is ok"]
     model, tok, labels, head = load_classifier(out)

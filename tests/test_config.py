@@ -47,9 +47,12 @@ def test_train_config_has_every_model_field_of_gptconfig(capsys):
         assert mine.metadata["help"].startswith(f.metadata["help"]), f.name
     # the loop's settings are there too, and the fine-tuning configs take only dropout from the model
     assert {f.name for f in fields(LoopConfig)} <= set(train)
+    # the fine-tuning configs take from the model only what may differ from the starting run: dropout, and
+    # a rotary model's context
     for cls in (SFTConfig, ClassifyConfig):
         names = {f.name for f in fields(cls)}
-        assert "dropout" in names and not names & {"n_layer", "n_embd", "block_size", "bias"}
+        assert {"dropout", "block_size", "rope_scaling", "rope_factor"} <= names
+        assert not names & {"n_layer", "n_embd", "bias", "pos_embedding", "mlp"}
 
     # each is a flag of `pretrain` and a key of its config files
     with pytest.raises(SystemExit):

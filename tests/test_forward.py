@@ -18,12 +18,30 @@ from gpt2lab.model import GPT, GPTClassifier, GPTConfig, KVCache
 
 VOCAB, BLOCK = 97, 48
 
+LLAMA = {"pos_embedding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "n_kv_head": 2, "bias": False,
+         "tie_embeddings": False}
 CONFIGS = {
     "gpt2": {},
     "no-bias": {"bias": False},
     "padded-vocab": {"pad_vocab_multiple": 64},
     "dropout": {"dropout": 0.1},  # off in eval mode: the same numbers
     "one-head": {"n_head": 1},
+    "rope": {"pos_embedding": "rope"},
+    "yarn": {"pos_embedding": "rope", "rope_scaling": "yarn", "rope_factor": 4.0, "rope_original_context": 12},
+    "rmsnorm": {"norm": "rmsnorm"},
+    "qk-norm": {"qk_norm": True},
+    "swiglu": {"mlp": "swiglu"},
+    "relu2": {"mlp": "relu2"},
+    "gqa": {"n_kv_head": 2},
+    "mqa": {"n_kv_head": 1},
+    "untied": {"tie_embeddings": False},
+    "moe": {"n_experts": 4, "experts_per_token": 2},
+    "moe-shared-bias": {"n_experts": 3, "experts_per_token": 1, "shared_expert": True, "moe_balance": "bias"},
+    "mla": {"attention": "mla", "kv_lora_rank": 8},
+    "mla-rope": {"attention": "mla", "pos_embedding": "rope", "kv_lora_rank": 8},
+    "llama": LLAMA,
+    "everything": {**LLAMA, "qk_norm": True, "mlp": "relu2", "n_experts": 2, "experts_per_token": 1,
+                   "n_kv_head": 0, "attention": "mla"},
 }
 
 

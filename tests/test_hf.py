@@ -491,3 +491,52 @@ def test_cli_errors(tmp_path):
         assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
         assert message in r.stderr, r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "shaped", "src"]
+
+
+# ----------------------------------------------------------------------------- Llama-shaped models
+
+LLAMA = dict(pos_embedding="rope", norm="rmsnorm", mlp="swiglu", bias=False)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(n_kv_head=2, tie_embeddings=False),
+    dict(n_kv_head=1, tie_embeddings=True, bias=True),
+    dict(n_kv_head=2, rope_scaling="yarn", rope_factor=4.0, rope_original_context=16),
+], ids=["gqa-untied", "mqa-tied-bias", "yarn"])
+def test_a_llama_shaped_model_exports_as_llama(tfm, tmp_path, trained_tok, kw):
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=trained_tok.vocab_size, block_size=64, n_layer=2, n_head=4, n_embd=64,
+                    **{**LLAMA, **kw})
+    model = GPT(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)  # norms and biases away from their initial values
+    run = write_run(tmp_path / "run", model, trained_tok)
+    export_hf(run, tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["num_key_value_heads"] == cfg.kv_heads
+    hf = tfm.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    ids = torch.randint(0, cfg.vocab_size, (2, 60))  # past YaRN's original context of 16
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids)).abs().max() < 1e-4
+    tok = tfm.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = "hello world, hello again"
+    assert tok(text)["input_ids"] == trained_tok.encode(text)
+
+
+@pytest.mark.parametrize("kw,option", [
+    (dict(qk_norm=True), "--qk-norm"),
+    (dict(n_experts=2, experts_per_token=1), "--n-experts"),
+    (dict(attention="mla"), "--attention mla"),
+    (dict(mlp="relu2"), "--mlp relu2"),
+    (dict(pos_embedding="learned"), "--pos-embedding learned"),
+])
+def test_what_transformers_cannot_express_is_refused_naming_the_option(tmp_path, trained_tok, kw, option):
+    cfg = GPTConfig(vocab_size=trained_tok.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=16,
+                    **{**LLAMA, **kw})
+    run = write_run(tmp_path / "run", GPT(cfg), trained_tok)
+    with pytest.raises(UserError, match=option):
+        export_hf(run, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()

@@ -16,8 +16,15 @@ def cmd_finetune_classify(args) -> int:
 
     cfg, given = resolve_config(args, ClassifyConfig)
     result = finetune_classifier(cfg, given)
-    print(f"try it: gpt2lab classify {result.run_dir} --text \"...\"")
+    if _is_main():  # under torchrun only rank 0 speaks
+        print(f"try it: gpt2lab classify {result.run_dir} --text \"...\"")
     return 0
+
+
+def _is_main() -> bool:
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _read_inputs(path: str, text_field: str) -> list[str]:
@@ -76,6 +83,8 @@ def cmd_finetune_sft(args) -> int:
 
     cfg, given = resolve_config(args, SFTConfig)
     result = finetune_sft(cfg, given)
+    if not _is_main():  # under torchrun only rank 0 speaks
+        return 0
     if result.final_val_loss is not None:
         print(f"final val loss {result.final_val_loss:.4f} (response tokens only)")
     print(f"try it: gpt2lab chat {result.run_dir} -p \"...\"")

@@ -52,7 +52,8 @@ from gpt2lab.finetune.classify_data import (
     read_examples,
 )
 from gpt2lab.model import GPTClassifier, GPTConfig
-from gpt2lab.train import Task, Trainer, TrainResult, model_overrides, run_task
+from gpt2lab.model_config import derive
+from gpt2lab.train import Task, Trainer, TrainResult, model_overrides, moe_terms, run_task
 
 TASK = "classify"
 RESULTS_FILE = "results.json"
@@ -186,8 +187,10 @@ class ClassifyTask(Task):
         return self.max_length
 
     def model_config(self, stored: GPTConfig | None) -> GPTConfig:
-        base = stored or self.base.model_config
-        return GPTConfig.from_dict({**base.to_dict(), **model_overrides(self.cfg)})
+        if stored is not None:
+            return GPTConfig.from_dict({**stored.to_dict(), "dropout": self.cfg.dropout
+                                        if self.cfg.dropout is not None else stored.dropout})
+        return derive(self.base.model_config, model_overrides(self.cfg), f"--init {self.cfg.init}")
 
     def _lora(self) -> dict | None:
         c = self.cfg
@@ -212,7 +215,9 @@ class ClassifyTask(Task):
 
     def loss(self, model, batch):
         idx, lengths, target = batch
-        return F.cross_entropy(model(idx, lengths).float(), target), {}
+        loss = F.cross_entropy(model(idx, lengths).float(), target)
+        extra, metrics = moe_terms(self.trainer.model)
+        return loss + extra, metrics
 
     def evaluate(self, trainer: Trainer, model) -> dict:
         metrics = {}

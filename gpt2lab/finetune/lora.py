@@ -41,7 +41,7 @@ from gpt2lab import io
 from gpt2lab.errors import UserError
 
 LORA_FILE = "lora.safetensors"
-DEFAULT_TARGETS = ("c_attn", "c_proj", "c_fc")  # with suffix matching: every linear layer of a block
+DEFAULT_TARGETS = ("all",)  # every linear layer of the blocks (GPT-2's: c_attn, c_proj, c_fc), not a MoE router
 
 
 class LoRALinear(nn.Module):
@@ -108,7 +108,10 @@ def _search_root(model: nn.Module) -> tuple[str, nn.Module]:
 
 def _matches(name: str, target: str) -> bool:
     """`target` names the layer itself by a dotted suffix ("c_fc", "mlp.c_proj", "h.0.attn.c_attn")
-    or a module that contains it ("attn", "mlp", "h.3")."""
+    or a module that contains it ("attn", "mlp", "h.3"); "all" is every linear layer of the blocks but
+    a mixture of experts' router."""
+    if target == "all":
+        return name.startswith("h.") and not name.endswith("router")
     dotted = "." + name + "."
     return ("." + target + ".") in dotted
 

@@ -33,8 +33,9 @@ from gpt2lab.config import SFTConfig
 from gpt2lab.data import GlobalOrder
 from gpt2lab.errors import UserError
 from gpt2lab.model import GPT, GPTConfig
+from gpt2lab.model_config import derive
 from gpt2lab.templates import encode_messages, record_messages
-from gpt2lab.train import IGNORE_INDEX, Task, Trainer, held_out_mean, lm_loss, model_overrides, run_task
+from gpt2lab.train import IGNORE_INDEX, Task, Trainer, held_out_mean, lm_loss, model_overrides, moe_terms, run_task
 
 # ------------------------------------------------------------------------------ records
 
@@ -172,8 +173,10 @@ class SFTTask(Task):
                               "train_records": len(train_records), "val_records": len(val_records)}
 
     def model_config(self, stored: GPTConfig | None) -> GPTConfig:
-        base = stored or self.base.model_config
-        return GPTConfig.from_dict({**base.to_dict(), **model_overrides(self.cfg)})
+        if stored is not None:
+            return GPTConfig.from_dict({**stored.to_dict(), "dropout": self.cfg.dropout
+                                        if self.cfg.dropout is not None else stored.dropout})
+        return derive(self.base.model_config, model_overrides(self.cfg), f"--init {self.cfg.init}")
 
     def build_model(self, model_config: GPTConfig, resuming: bool) -> torch.nn.Module:
         model = GPT(model_config)
@@ -208,7 +211,9 @@ class SFTTask(Task):
 
     def loss(self, model, batch):
         x, y = batch
-        return lm_loss(model(x), y), {}
+        loss = lm_loss(model(x), y)
+        extra, metrics = moe_terms(self.trainer.model)
+        return loss + extra, metrics
 
     def evaluate(self, trainer: Trainer, model) -> dict:
         return {"val_loss": held_out_mean(trainer, self.val_batches, lambda b: lm_loss(model(b[0]), b[1]))}
