@@ -75,6 +75,8 @@ class LoopConfig:
                          check=POSITIVE, resumable=True)
     epochs: float | None = opt(None, "passes over the training data; when given it sets --max-steps",
                                check=_finite(0, lo_open=True))
+    time_budget: float | None = opt(None, "train for about this many seconds: the first steps are timed and the "
+                                    "run's length (and so its schedule) is set to fit", check=_finite(0, lo_open=True))
     batch_size: int = opt(8, "sequences per micro-batch, per process", check=POSITIVE)
     seq_len: int | None = opt(None, "tokens per sequence (default: the model's context length)", check=POSITIVE)
     total_batch_tokens: int | None = opt(None, "tokens per optimizer step; gradient accumulation is derived "

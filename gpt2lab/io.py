@@ -316,8 +316,12 @@ def dir_kind(path: str | os.PathLike) -> str | None:
         return "data"
     if fmt(INSTRUCTIONS_MARKER) == "gpt2lab-instructions":
         return "instructions"
-    if fmt("ablation.json") == "gpt2lab-ablation":
-        return "ablation"
+    try:  # an ablation's results: a list of {"name", ...}, one per variant (empty while the first one trains)
+        rows = json.loads((path / "ablation.json").read_text(encoding="utf-8"))
+        if isinstance(rows, list) and all(isinstance(r, dict) and "name" in r for r in rows):
+            return "ablation"
+    except (OSError, ValueError):
+        pass
     if [p.name for p in entries] == [TOKENIZER_JSON] and fmt(TOKENIZER_JSON) == "gpt2lab-bpe":
         return "tokenizer"
     return None

@@ -406,7 +406,7 @@ class Trainer:
                 trainer_state["optimizer"] = self.optimizer.state_dict()
             state = {"step": self.step, "elapsed": self.elapsed_before + self._session_time(),
                      "data": self.train_loader.state_dict(), "task": self.task.state_dict(),
-                     "world_size": self.dist.world_size, "strategy": self.cfg.strategy,
+                     "world_size": self.dist.world_size, "strategy": self.cfg.strategy, "max_steps": self.max_steps,
                      "tokens_seen": self.step * self.total_batch_tokens}
             try:
                 ckpt.save_checkpoint(self.out, self.step, None if self.fsdp else self.model, trainer_state, state,
@@ -439,11 +439,27 @@ class Trainer:
             self.task.load_state_dict(state.get("task") or {})
             self.step = int(state["step"])
             self.elapsed_before = float(state.get("elapsed", 0.0))
+            if self.cfg.time_budget is not None and "max_steps" in state:  # the length fitted to the budget
+                self.max_steps = int(state["max_steps"])
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
             if isinstance(e, UserError):
                 raise
             raise UserError(f"{path} is not a usable checkpoint ({e}); delete it to resume from an "
                             "earlier one") from None
+
+    BUDGET_PROBE = 5  # steps timed to fit the schedule to --time-budget
+
+    def _fit_to_time_budget(self, steps: int) -> None:
+        """With --time-budget: the run's length in steps, from the time the first steps took, so that the
+        warmup and decay end when the budget does (every rank agrees on rank 0's estimate)."""
+        per_step = self._session_time() / steps
+        left = self.cfg.time_budget - self.elapsed_before - self._session_time()
+        estimate = torch.tensor([self.step + max(0, int(left / max(per_step, 1e-9)))], dtype=torch.long)
+        if self.dist.enabled:
+            torch.distributed.broadcast(estimate, src=0)
+        self.max_steps = max(self.step, int(estimate))
+        if self.dist.is_main:
+            console(f"time budget {self.cfg.time_budget:g} s: {self.max_steps} steps at {per_step:.3f} s a step")
 
     def _session_time(self) -> float:
         return time.time() - self._t_start if hasattr(self, "_t_start") else 0.0
@@ -535,6 +551,8 @@ class Trainer:
             tokens_window += self.total_batch_tokens
             result.steps.append(self.step)
             result.losses.append(loss)
+            if cfg.time_budget is not None and steps_this_session == self.BUDGET_PROBE:
+                self._fit_to_time_budget(steps_this_session)
             first, last = steps_this_session == 1, self.step == self.max_steps
             if self.step % cfg.log_every == 0 or first or last:
                 if self.device.type == "cuda":

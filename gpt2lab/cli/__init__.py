@@ -19,11 +19,16 @@ import os
 import sys
 
 # command modules, in the order `gpt2lab --help` lists them
-COMMAND_MODULES = ["tokenizer", "data", "train", "generate", "hf", "evaluate", "finetune"]
+COMMAND_MODULES = ["tokenizer", "data", "train", "generate", "hf", "evaluate", "finetune", "ablate"]
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse that reports a bad argument in one line, names the command's own help, and exits 2."""
+    """argparse that reports a bad argument in one line, names the command's own help, and exits 2. Flags
+    are never abbreviated: `pretrain --init RUN` must not quietly mean --init-from."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # noqa: D401 - argparse API
         sys.stderr.write(f"error: {message}; see `{self.prog} --help`\n")
