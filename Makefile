@@ -1,14 +1,18 @@
 # The two set-up commands of README.md:
 #   make demo   install gpt2lab, then tokenizer -> data -> pretrain -> samples on the bundled Shakespeare
 #   make test   install gpt2lab with its test extras, then run the test suite
+# and a third demonstration:
+#   make rl-demo  a model from nothing to reinforcement learning on a checkable task (countdown), on the CPU
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO   ?= demo
 CORPUS := gpt2lab/assets/shakespeare.txt.gz
 DEMO_STEPS ?= 400
+RL ?= demo-rl
+RL_TASK := --task countdown --difficulty 2
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo rl-demo test lint bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +37,29 @@ demo: install
 	@echo "  $(BIN)/gpt2lab pretrain --data $(DEMO)/data --out $(DEMO)/run2 --config configs/demo.toml --max-steps 2000"
 	@echo "  look at $(DEMO)/run/curves.png, or run: tensorboard --logdir $(DEMO)/run/tensorboard"
 
+rl-demo: install
+	rm -rf $(RL)
+	# task data: countdown problems with worked steps in a <think> section; 200 held-out prompts never trained on
+	$(BIN)/gpt2lab finetune instructions $(RL_TASK) --think --synthetic 20000 --heldout 200 --out $(RL)/data
+	$(BIN)/gpt2lab tokenizer train --input $(RL)/data/train.txt --vocab-size 400 --out $(RL)/tokenizer --quiet
+	$(BIN)/gpt2lab prepare --input $(RL)/data/train.txt --doc-separator '\n\n\n' --tokenizer $(RL)/tokenizer \
+		--val-fraction 0.02 --out $(RL)/text --quiet
+	# a small model learns the task's text, then its answers (SFT), then to get them right (RL)
+	$(BIN)/gpt2lab pretrain --data $(RL)/text --out $(RL)/base --config configs/rl-demo.toml
+	$(BIN)/gpt2lab finetune sft --init $(RL)/base --data $(RL)/data/train.jsonl --val-data $(RL)/data/heldout.jsonl \
+		--out $(RL)/sft --max-steps 50 --batch-size 32 --lr 1e-3 --warmup-steps 5 --eval-every 50 --log-every 25 \
+		--device cpu --no-tensorboard
+	$(BIN)/gpt2lab eval $(RL)/sft $(RL_TASK) --max-new-tokens 40 --samples 8 --k 8 --quiet --output $(RL)/sft_eval.json
+	$(BIN)/gpt2lab finetune rl --init $(RL)/sft $(RL_TASK) --out $(RL)/rl --max-steps 800 --batch-size 16 \
+		--group-size 8 --max-new-tokens 40 --lr 1e-4 --eval-every 100 --eval-prompts 200 --log-every 20 --device cpu
+	$(BIN)/gpt2lab eval $(RL)/rl $(RL_TASK) --max-new-tokens 40 --samples 8 --k 8 --quiet --output $(RL)/rl_eval.json
+	$(BIN)/gpt2lab plot $(RL)/rl
+	$(BIN)/python -c 'import json, sys; s, r = (json.load(open(f))[0] for f in sys.argv[1:3]); \
+		json.dump({"task": s["task"], "difficulty": s["difficulty"], "heldout_prompts": s["n"], \
+		"sft_pass_at_1": s["pass_at_1"], "rl_pass_at_1": r["pass_at_1"], "sft_pass_at_8": s["pass_at_8"], \
+		"rl_pass_at_8": r["pass_at_8"]}, open(sys.argv[3], "w"), indent=2); print(open(sys.argv[3]).read())' \
+		$(RL)/sft_eval.json $(RL)/rl_eval.json $(RL)/results.json
+
 test: install
 	$(BIN)/python -m pytest -q
 
@@ -45,4 +72,4 @@ bench: install
 	$(BIN)/python bench/train.py
 
 clean:
-	rm -rf $(DEMO) .pytest_cache .ruff_cache
+	rm -rf $(DEMO) $(RL) .pytest_cache .ruff_cache

@@ -51,3 +51,75 @@ def hf_twin(model):
     if hf.lm_head.weight.data_ptr() != hf.transformer.wte.weight.data_ptr():
         raise RuntimeError("transformers' LM head is not tied to its token embedding")
     return hf.eval()
+
+
+# ---------------------------------------------------------------- running gpt2lab's commands (doc_mask.py, scale.py)
+
+BUNDLED_CORPUS = Path(__file__).resolve().parents[1] / "gpt2lab" / "assets" / "shakespeare.txt.gz"
+
+
+def gpt2lab(*args: str) -> list[str]:
+    """The command line of `gpt2lab ARGS` with this interpreter."""
+    import sys
+
+    return [sys.executable, "-m", "gpt2lab", *args]
+
+
+def run_command(cmd: list[str], env: dict | None = None, log: Path | None = None) -> float:
+    """Run a command (echoed to stderr as a shell line), fail loudly; its wall-clock seconds. Its output goes
+    to `log` when given (and its tail to stderr if it fails)."""
+    import os
+    import shlex
+    import subprocess
+    import sys
+    import time
+
+    shown = " ".join(f"{k}={v}" for k, v in (env or {}).items() if os.environ.get(k) != v)
+    print(f"$ {shown + ' ' if shown else ''}{shlex.join(cmd)}", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    out = subprocess.run(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True)
+    seconds = time.perf_counter() - start
+    if log is not None:
+        log.write_text(out.stdout)
+    if out.returncode != 0:
+        sys.stderr.write(out.stdout[-4000:])
+        raise SystemExit(f"command failed with exit status {out.returncode}: {shlex.join(cmd)}")
+    return seconds
+
+
+def bundled_data(workdir: Path, vocab_size: int = 4096, doc_separator: str = r"\n\n") -> Path:
+    """A data dir of the bundled Shakespeare (made once in `workdir`, reused after): a `vocab_size` BPE trained
+    on it, documents cut at `doc_separator` (as typed on a command line), 10% of them held out."""
+    data = workdir / "data"
+    if (data / "meta.json").is_file():
+        return data
+    run_command(gpt2lab("tokenizer", "train", "--input", str(BUNDLED_CORPUS), "--vocab-size", str(vocab_size),
+                        "--out", str(workdir / "tokenizer"), "--quiet", "--overwrite"))
+    run_command(gpt2lab("prepare", "--input", str(BUNDLED_CORPUS), "--tokenizer", str(workdir / "tokenizer"),
+                        "--doc-separator", doc_separator, "--val-fraction", "0.1", "--out", str(data), "--quiet",
+                        "--overwrite"))
+    return data
+
+
+def run_metrics(run_dir: Path) -> dict:
+    """From a run's metrics.jsonl: per-step losses, val losses, and the training loop's tokens/s over every
+    logged window but the first (start-up), evaluations and checkpoints not counted."""
+    import json
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    losses = {r["step"]: r["loss"] for r in steps}
+    vals = {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
+    windows = [(b["tokens"] - a["tokens"], b["tokens_per_sec"]) for a, b in zip(steps, steps[1:])]
+    seconds = sum(n / rate for n, rate in windows if rate > 0)
+    tok_s = sum(n for n, _ in windows) / seconds if seconds else float("nan")
+    return {"losses": losses, "vals": vals, "tokens_per_sec": tok_s}
+
+
+def load_line() -> str:
+    """The machine's load: other work on it skews a benchmark."""
+    import os
+
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.2f} (1 min), {five:.2f} (5 min) on {os.cpu_count()} logical CPUs"

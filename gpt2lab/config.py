@@ -306,6 +306,58 @@ class ClassifyConfig(LoopConfig):
 
 
 
+@with_model_fields(("dropout",))
+class RLConfig(LoopConfig):
+    """`gpt2lab finetune rl`."""
+
+    init: str = opt("", "the run dir to tune (an instruction-tuned model, usually: it should already answer in "
+                    "its chat format, with a pass rate between about 0.2 and 0.7)")
+    task: str | None = opt(None, "a built-in checkable task: arithmetic or countdown",
+                           choices=("arithmetic", "countdown"))
+    difficulty: int = opt(1, "the built-in task's difficulty, 1 to 5", check=POSITIVE)
+    prompts: str | None = opt(None, "your own task: a JSONL file of records with \"prompt\" (and any other "
+                              "fields), with --reward")
+    reward: str | None = opt(None, "your own task's reward: PATH.py:FUNCTION, called as FUNCTION(prompt, "
+                             "completion, record) -> float")
+    format_reward: float = opt(0.0, "built-in tasks: the reward of a well-formed but wrong answer (partial credit)",
+                               check=_finite(0, 1, hi_open=True))
+    group_size: int = opt(8, "samples per prompt; their rewards are compared with each other", check=POSITIVE)
+    batch_size: int = opt(4, "prompts per micro-batch, per process (each sampled --group-size times)",
+                          check=POSITIVE)
+    max_new_tokens: int = opt(64, "the longest answer sampled", check=POSITIVE)
+    temperature: float = opt(1.0, "sampling temperature of the answers", check=_finite(0, 10, lo_open=True))
+    scale_advantages: bool = opt(False, "divide each group's advantages by its standard deviation (GRPO); off: "
+                                 "mean-centred only")
+    kl: float = opt(0.0, "the weight of a KL penalty to the starting model (0: none; the KL is logged anyway)",
+                    check=_finite(0, 100))
+    clip: float = opt(0.2, "ratio clipping when samples serve more than one update", check=_finite(0, 10, lo_open=True))
+    updates_per_batch: int = opt(1, "optimizer steps on each batch of samples (above 1: the clipped ratio matters)",
+                                 check=POSITIVE)
+    eval_prompts: int = opt(64, "held-out prompts scored greedily (pass@1) at each evaluation", check=POSITIVE)
+    lr: float = opt(1e-5, "peak learning rate", check=_finite(0, 10, lo_open=True))
+    lr_schedule: str = opt("constant", "constant (after the warmup) or cosine", choices=SCHEDULES)
+    warmup_steps: int = opt(0, "steps of linear warmup", check=NONNEG)
+    max_steps: int = opt(200, "optimizer steps", check=POSITIVE, resumable=True)
+    eval_every: int | None = opt(20, "evaluate every N steps (and at the end)", check=POSITIVE, resumable=True)
+    checkpoint_every: int | None = opt(20, "write a checkpoint every N steps (and at the end)", check=POSITIVE,
+                                       resumable=True)
+    log_every: int = opt(1, "print and record metrics every N steps", check=POSITIVE, resumable=True)
+    sample_tokens: int = opt(0, "unused by RL", resumable=True)
+    weight_decay: float = opt(0.0, "AdamW weight decay, applied to matrices only", check=_finite(0, 100))
+
+    def validate(self) -> None:
+        if not self.init:
+            raise UserError("no model to tune; pass --init RUN_DIR (an instruction-tuned run, usually)")
+        if (self.task is None) == (self.prompts is None):
+            raise UserError("give a built-in --task (arithmetic, countdown) or your own --prompts FILE.jsonl with "
+                            "--reward PATH.py:FUNCTION, one of the two")
+        if (self.prompts is None) != (self.reward is None):
+            raise UserError("--prompts and --reward go together: the prompts of your task and its reward function")
+        if self.strategy == "fsdp":
+            raise UserError("--strategy fsdp is for pretrain and finetune sft; RL trains with ddp")
+        super().validate()
+
+
 # ------------------------------------------------------------------------------ types
 
 

@@ -462,11 +462,9 @@ def evaluate_run(run_dir: str | os.PathLike, tasks: Sequence[str], data: dict[st
     paths = {}
     for t in tasks:
         if t in extra_tasks:
-            if t not in data:
-                raise UserError(f"task {t} needs --data")
-            if not os.path.exists(data[t]):
+            if t in data and not os.path.exists(data[t]):
                 raise UserError(f"--data {data[t]} for task {t} does not exist; check the path")
-            paths[t] = data[t]
+            paths[t] = data.get(t)
         else:
             paths[t] = resolve_data(t, data.get(t), info.config, progress)
     model, tokenizer = load_run(run_dir, device=dev, kind="lm")
@@ -476,7 +474,7 @@ def evaluate_run(run_dir: str | os.PathLike, tasks: Sequence[str], data: dict[st
         if t in extra_tasks:
             start = time.perf_counter()
             res = extra_tasks[t](model, tokenizer, info, paths[t], limit=limit, progress=progress)
-            res.metrics.setdefault("data", str(paths[t]))
+            res.metrics.setdefault("data", str(paths[t]) if paths[t] else None)
             res.metrics["seconds"] = round(time.perf_counter() - start, 3)
             results.append(res)
         else:
@@ -487,10 +485,11 @@ def evaluate_run(run_dir: str | os.PathLike, tasks: Sequence[str], data: dict[st
 
 def format_table(results: Sequence[TaskResult]) -> str:
     """The metrics as an aligned text table: accuracies with their standard error."""
-    lines = [f"{'task':<10} {'n':>7}  {'metric':<9} {'value':>10}"]
+    lines = [f"{'task':<10} {'n':>7}  {'metric':<11} {'value':>10}"]
     for res in results:
         m, first = res.metrics, True
-        for key in ("acc", "acc_norm", "loss", "ppl", "bpb", "mean_score", "unscored"):
+        passes = sorted(k for k in m if k.startswith("pass_at_"))
+        for key in ("acc", "acc_norm", "loss", "ppl", "bpb", "mean_score", "unscored", *passes, "mean_reward"):
             if key not in m:
                 continue
             value = m[key]
@@ -506,7 +505,7 @@ def format_table(results: Sequence[TaskResult]) -> str:
             else:
                 text = f"{value:>10.4f}"
             task, n = (m["task"], str(m["n"])) if first else ("", "")
-            lines.append(f"{task:<10} {n:>7}  {key:<9} {text}")
+            lines.append(f"{task:<10} {n:>7}  {key:<11} {text}")
             first = False
     return "\n".join(lines)
 

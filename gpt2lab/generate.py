@@ -272,6 +272,50 @@ def _generate_batch(model: GPT, prompts: list[list[int]], max_new_tokens: int, t
     return out
 
 
+@torch.inference_mode()
+def generate_group(model: GPT, prompt_ids: list[int], n: int, max_new_tokens: int, temperature: float = 1.0,
+                   top_k: int | None = None, top_p: float | None = None,
+                   generator: torch.Generator | None = None, stop_ids: Iterable[int] = ()) -> list[list[int]]:
+    """`n` samples after one prompt, as reinforcement learning draws them: the prompt is prefilled once, its
+    keys and values copied to n rows, and the rows decode together. A row ends at its first stop id, which
+    it keeps (the stop is part of the sampled answer); the others go on to the token limit."""
+    check_settings(max_new_tokens, temperature, top_k, top_p)
+    if not prompt_ids or n < 1:
+        raise UserError("generate_group needs a prompt of at least one token and n >= 1")
+    if len(prompt_ids) + max_new_tokens > model.config.block_size:
+        raise UserError(f"the prompt ({len(prompt_ids)} tokens) plus max_new_tokens ({max_new_tokens}) exceeds "
+                        f"the context of {model.config.block_size} tokens")
+    device = _device(model)
+    was_training = model.training
+    model.eval()
+    stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device) if stop_ids else None
+    try:
+        one = KVCache(model.config, 1, max_len=len(prompt_ids) + max_new_tokens, device=device)
+        logits = model(torch.tensor([prompt_ids], device=device), kv_cache=one, last_only=True)[:, -1]
+        cache = one.repeat_rows(n)
+        logits = logits.expand(n, -1)
+        out = torch.empty(n, max_new_tokens, dtype=torch.long, device=device)
+        done = torch.zeros(n, dtype=torch.bool, device=device)
+        steps = 0
+        for t in range(max_new_tokens):
+            token = sample_next(logits, temperature, top_k, top_p, generator)
+            out[:, t] = token
+            steps += 1
+            if stops is not None:
+                done |= torch.isin(token, stops)
+                if bool(done.all()):
+                    break
+            if t + 1 < max_new_tokens:
+                logits = model(token.view(n, 1), kv_cache=cache, last_only=True)[:, -1]
+    finally:
+        model.train(was_training)
+    rows = out[:, :steps].tolist()
+    if stops is None:
+        return rows
+    ends = set(stop_ids)
+    return [row[:next((i + 1 for i, tok in enumerate(row) if tok in ends), len(row))] for row in rows]
+
+
 # ------------------------------------------------------------------------------ text
 
 
@@ -294,6 +338,43 @@ class StreamDecoder:
         return self._decoder.decode(b"", final=True)
 
 
+class StopText:
+    """Cuts a text that arrives in pieces at the first of some stop strings.
+
+    `push(piece)` returns the text that is ready: text that could be the start of a stop string is
+    held back until it is clear that it is not, and the stop string itself is never returned. Once
+    a stop string has been seen `stopped` is True and everything after it is dropped. `flush(tail)`
+    returns what was held back (plus `tail`) when the text ends without a stop. Used by
+    `stream_answer` and by the server's batch scheduler (gpt2lab.batching), so both cut alike.
+    """
+
+    def __init__(self, stop: Iterable[str] = ()):
+        self.stops = [s for s in stop if s]
+        self.held = ""
+        self.stopped = False
+
+    def push(self, piece: str) -> str:
+        if self.stopped:
+            return ""
+        if not self.stops:
+            return piece
+        held = self.held + piece
+        cut = min((held.find(s) for s in self.stops if s in held), default=-1)
+        if cut >= 0:
+            self.held, self.stopped = "", True
+            return held[:cut]
+        # keep back the longest tail that is a prefix of some stop string
+        keep = max((k for s in self.stops for k in range(1, len(s)) if held.endswith(s[:k])), default=0)
+        self.held = held[len(held) - keep:]
+        return held[:len(held) - keep]
+
+    def flush(self, tail: str = "") -> str:
+        if self.stopped:
+            return ""
+        out, self.held = self.held + tail, ""
+        return out
+
+
 def stream_answer(model: GPT, tokenizer, prompt: str | list[int], max_new_tokens: int = 100,
                   temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                   seed: int | None = None, stop: Iterable[str] = (), use_cache: bool = True,
@@ -302,32 +383,22 @@ def stream_answer(model: GPT, tokenizer, prompt: str | list[int], max_new_tokens
 
     The one "answer until a stop" of gpt2lab: generate, chat, the judge and instruction
     scoring use it. Text that could be the start of a stop string is held back until it
-    is clear that it is not; the stop string itself is never yielded.
+    is clear that it is not; the stop string itself is never yielded (`StopText`).
     """
-    stops = [s for s in stop if s]
+    cutter = StopText(stop)
     eot = tokenizer.eot_id
     decoder = StreamDecoder(tokenizer)
-    held = ""
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     for token in stream(model, ids, max_new_tokens, temperature, top_k, top_p, seed, generator,
                         {eot} if eot is not None else (), use_cache, start_id=eot):
-        held += decoder.push(token)
-        if stops:
-            cut = min((held.find(s) for s in stops if s in held), default=-1)
-            if cut >= 0:
-                if held[:cut]:
-                    yield held[:cut]
-                return
-            # keep back the longest tail that is a prefix of some stop string
-            keep = max((k for s in stops for k in range(1, len(s)) if held.endswith(s[:k])), default=0)
-            ready, held = held[:len(held) - keep], held[len(held) - keep:]
-        else:
-            ready, held = held, ""
+        ready = cutter.push(decoder.push(token))
         if ready:
             yield ready
-    held += decoder.flush()
-    if held:
-        yield held
+        if cutter.stopped:
+            return
+    rest = cutter.flush(decoder.flush())
+    if rest:
+        yield rest
 
 
 def answer(model: GPT, tokenizer, prompt: str | list[int], max_new_tokens: int = 100,

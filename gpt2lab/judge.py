@@ -177,6 +177,9 @@ def judge_task(url: str = DEFAULT_URL, judge_model: str = DEFAULT_MODEL, api_key
     def run(model, tokenizer, info, data, limit=None, progress=False):
         from gpt2lab.finetune.sft import read_records
 
+        if data is None:
+            raise UserError("task judge needs --data FILE.json or .jsonl of Alpaca records")
+
         return eval_judge(model, tokenizer, read_records(data), info.template or "alpaca", url, judge_model,
                           max_new_tokens, limit, api_key=api_key, timeout=timeout, progress=progress)
 

@@ -355,3 +355,12 @@ class KVCache:
 
     def advance(self, T: int) -> None:
         self.pos += T
+
+    def repeat_rows(self, n: int) -> KVCache:
+        """A cache of n rows, each a copy of this one-row cache (a prompt prefilled once, sampled n times)."""
+        if self.batch_size != 1:
+            raise ValueError("repeat_rows copies a cache of one row")
+        other = KVCache.__new__(KVCache)
+        other.max_len, other.batch_size, other.device, other.pos = self.max_len, n, self.device, self.pos
+        other.layers = [None if bufs is None else tuple(t.repeat(n, 1, 1, 1) for t in bufs) for bufs in self.layers]
+        return other

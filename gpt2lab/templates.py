@@ -19,6 +19,11 @@ GPT-2's vocabulary has a single special token, so turn markers are ordinary text
 assistant answer ends with <|endoftext|>, which SFT trains, so a model learns to stop. An answer
 also stops at the format's stop text ("\\n### ", the start of a next turn) in case it runs on.
 A base model (no format) gets no markup: the conversation is its running text.
+
+Thinking. An answer may begin with a thinking section, `<think>worked steps</think>`, then the
+answer itself (plain text markers: GPT-2's vocabulary has no spare special tokens, and text works
+with any tokenizer). SFT trains it like the rest of the answer; rewards, `chat --think hide` and the
+server's `reasoning_content` read it apart with `split_thinking`.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from dataclasses import dataclass
 from gpt2lab.errors import UserError
 
 EOT_TEXT = "<|endoftext|>"  # how render_messages shows the end-of-answer token
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"  # a thinking section, plain text, at the start of an answer
 ROLES = ("system", "user", "assistant")
 
 _ALPACA_HEAD = ("Below is an instruction that describes a task{extra}. "
@@ -159,3 +165,21 @@ def record_messages(record: dict) -> list[dict]:
     if "output" in record:
         messages.append({"role": "assistant", "content": record["output"]})
     return messages
+
+
+def split_thinking(text: str) -> tuple[str | None, str]:
+    """(thinking, answer) of an answer that may begin with <think> ... </think>; an unfinished thinking
+    section is all thinking and no answer."""
+    stripped = text.lstrip()
+    if not stripped.startswith(THINK_OPEN):
+        return None, text
+    body = stripped[len(THINK_OPEN):]
+    inner, sep, rest = body.partition(THINK_CLOSE)
+    if not sep:
+        return inner.strip(), ""
+    return inner.strip(), rest.lstrip()
+
+
+def with_thinking(thinking: str | None, answer: str) -> str:
+    """An assistant answer with its thinking section first."""
+    return f"{THINK_OPEN}{thinking}{THINK_CLOSE}{answer}" if thinking else answer

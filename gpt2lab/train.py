@@ -524,6 +524,17 @@ class Trainer:
     def run(self) -> TrainResult:
         try:
             return self._run()
+        except UserError:
+            # bad input met during training (a reward that cannot score an answer, a corrupt shard) before the
+            # first checkpoint: a run dir this process made holds nothing worth keeping
+            if self.dist.is_main and self._created_out and not ckpt.list_checkpoints(self.out):
+                if self.logger is not None:
+                    self.logger.close()
+                    self.logger = None
+                self.lock.release() if self.lock is not None else None
+                self.lock = None
+                shutil.rmtree(self.out, ignore_errors=True)
+            raise
         finally:
             if self.logger is not None:
                 self.logger.close()

@@ -138,6 +138,8 @@ def forked(tiny_data, tmp_path_factory, gpt2lab_procs):
         # SFT from the 1-process run: FSDP on 2 processes, and DDP's single process as the reference
         "sft1": {"argv": sft("sft1"), "nproc": 1},
         "sft2": {"argv": sft("sft2", "--strategy", "fsdp"), "nproc": 2},
+        # the plan under torchrun: for its number of processes, printed once
+        "dry2": {"argv": ["pretrain", "--dry-run", "--model", "gpt2", "--out", str(root / "dry")], "nproc": 2},
     }
     results = gpt2lab_procs(list(jobs.values()))
     return dict(zip(jobs, results)), dirs
@@ -417,7 +419,7 @@ def memory(out: str) -> dict[str, tuple[float, float]]:
     return table
 
 
-def test_dry_run_prints_the_plan_and_writes_nothing(tiny_data, tmp_path, monkeypatch, capsys):
+def test_dry_run_prints_the_plan_and_writes_nothing(tiny_data, tmp_path, monkeypatch, capsys, forked):
     monkeypatch.chdir(tmp_path)
     out = dry_run(capsys, "--model", "gpt2", "--out", "run", "--batch-size", "8", "--seq-len", "1024",
                   "--total-batch-tokens", str(8 * 1024 * 4 * 8), "--processes", "8")
@@ -445,6 +447,14 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tiny_data, tmp_path, monkeyp
     big = dry_run(capsys, "--model", "gpt2", "--batch-size", "16", "--dtype", "bf16", "--gpu-memory", "80")
     assert "fits" in big and "does not fit" not in big
     assert list(tmp_path.iterdir()) == []  # no run dir, nothing at all
+
+    # under torchrun: the plan of its processes, printed by rank 0 alone
+    results, dirs = forked
+    succeeded(results["dry2"], 2)
+    out = results["dry2"]["ranks"][0]["out"]
+    assert out.count("124,439,808 parameters") == 1 and "x 1 accumulation x 2 processes" in out
+    assert memory(out)["optimizer"][1] == pytest.approx(8 * n / 2, abs=0.006)
+    assert not (dirs["one"].parent / "dry").exists()
 
 
 # ------------------------------------------------------------------ 6. SFT under FSDP

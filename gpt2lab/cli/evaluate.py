@@ -7,11 +7,12 @@ import argparse
 import glob
 from pathlib import Path
 
-from gpt2lab.cli import positive_int
+from gpt2lab.cli import finite_float, nonneg_int, positive_int
 
 # the tasks of gpt2lab.evaluate.TASKS (a test checks that they agree), named here so that a typo is
 # reported at once, without importing torch
-TASK_NAMES = ("loss", "hellaswag", "lambada", "mc", "judge")
+TASK_NAMES = ("loss", "hellaswag", "lambada", "mc", "judge", "arithmetic", "countdown")
+CHECKABLE = ("arithmetic", "countdown")  # gpt2lab.rl_tasks.BUILTIN: pass@1 and pass@k on held-out prompts
 
 
 def _task_list(text: str) -> list[str]:
@@ -73,6 +74,16 @@ def cmd_eval(args) -> int:
         from gpt2lab.judge import judge_task
 
         extra["judge"] = judge_task(args.judge_url, args.judge_model, args.judge_api_key, args.max_new_tokens)
+    if args.k > max(1, args.samples):
+        raise UserError(f"--k {args.k} needs at least that many --samples per prompt (now {args.samples})")
+    for name in CHECKABLE:
+        if name in tasks:
+            from gpt2lab.rl_tasks import eval_task
+
+            if name in data:
+                raise UserError(f"task {name} makes its own held-out prompts; drop --data for it")
+            extra[name] = eval_task(name, args.difficulty, args.samples, args.k, args.max_new_tokens,
+                                    args.temperature)
     results = evaluate_run(args.run_dir, tasks, data, limit=args.limit, batch_size=args.batch_size,
                            stride=args.stride, device=args.device, dtype=args.dtype, progress=not args.quiet,
                            extra_tasks=extra)
@@ -93,7 +104,8 @@ def register(sub) -> None:
         "perplexity and bits per byte of a data dir's val split or of text files, long documents in "
         "sliding windows), hellaswag (acc, acc_norm), lambada (acc, ppl of the last word), mc (a JSONL "
         "of {\"context\", \"choices\", \"label\"}), judge (answers to Alpaca records scored 0-100 by a "
-        "larger model behind an OpenAI-compatible endpoint). HellaSwag and LAMBADA are downloaded once "
+        "larger model behind an OpenAI-compatible endpoint), arithmetic and countdown (checkable tasks: pass@1, "
+        "greedy, and pass@k on held-out prompts). HellaSwag and LAMBADA are downloaded once "
         "into ~/.cache/gpt2lab unless --data is given.")
     p.add_argument("run_dir", help="a run directory (trained, fine-tuned or imported)")
     p.add_argument("--task", type=_task_list, action="append", required=True, metavar="TASK",
@@ -123,6 +135,14 @@ def register(sub) -> None:
     p.add_argument("--judge-api-key", default=None, help="judge: the API key of that endpoint, sent only to it "
                    "(default: none)")
     p.add_argument("--max-new-tokens", type=positive_int, default=128,
-                   help="judge: tokens generated per answer (greedy, with the run's prompt template)")
+                   help="judge, arithmetic, countdown: tokens generated per answer (default 128)")
+    p.add_argument("--difficulty", type=positive_int, default=1, help="arithmetic, countdown: difficulty 1 to 5 "
+                   "(default 1)")
+    p.add_argument("--samples", type=nonneg_int, default=0, help="arithmetic, countdown: sampled answers per "
+                   "prompt for pass@k (default 0: greedy pass@1 only)")
+    p.add_argument("--k", type=positive_int, default=1, help="arithmetic, countdown: the k of pass@k, at most "
+                   "--samples (default 1)")
+    p.add_argument("--temperature", type=finite_float, default=1.0, help="arithmetic, countdown: the temperature "
+                   "of the sampled answers (default 1.0)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)

@@ -91,11 +91,34 @@ def cmd_finetune_sft(args) -> int:
     return 0
 
 
-def cmd_instructions(args) -> int:
-    from gpt2lab.finetune.instructions import build_instruction_set
+def cmd_finetune_rl(args) -> int:
+    from gpt2lab.cli.train import resolve_config
+    from gpt2lab.config import RLConfig
+    from gpt2lab.finetune.rl import finetune_rl
 
-    counts = build_instruction_set(args.out, args.source, synthetic=args.synthetic,
-                                   heldout_fraction=args.heldout_fraction, seed=args.seed, overwrite=args.overwrite)
+    cfg, given = resolve_config(args, RLConfig)
+    result = finetune_rl(cfg, given)
+    last = result.evals[-1] if result.evals else {}
+    if "val_pass_at_1" in last:
+        print(f"held-out pass@1 {last['val_pass_at_1']:.3f} after {result.steps[-1] if result.steps else 0} steps")
+    print(f"score it: gpt2lab eval {result.run_dir} --task {cfg.task or 'TASK'}")
+    return 0
+
+
+def cmd_instructions(args) -> int:
+    from gpt2lab.finetune.instructions import build_instruction_set, build_task_set
+
+    if args.task:
+        if args.source:
+            from gpt2lab.errors import UserError
+
+            raise UserError("--task builds a set from a built-in task alone; drop --source")
+        counts = build_task_set(args.out, args.task, args.synthetic, difficulty=args.difficulty, think=args.think,
+                                heldout=args.heldout, seed=args.seed, overwrite=args.overwrite)
+    else:
+        counts = build_instruction_set(args.out, args.source, synthetic=args.synthetic,
+                                       heldout_fraction=args.heldout_fraction, seed=args.seed,
+                                       overwrite=args.overwrite)
     for split, per_task in counts.items():
         total = sum(per_task.values())
         detail = ", ".join(f"{k} {v}" for k, v in sorted(per_task.items()))
@@ -106,9 +129,9 @@ def cmd_instructions(args) -> int:
 
 def register(sub) -> None:
     from gpt2lab.cli.train import add_config_flags
-    from gpt2lab.config import ClassifyConfig, SFTConfig
+    from gpt2lab.config import ClassifyConfig, RLConfig, SFTConfig
 
-    ft = sub.add_parser("finetune", help="fine-tune a run dir (classify, sft, instructions)",
+    ft = sub.add_parser("finetune", help="fine-tune a run dir (classify, sft, instructions, rl)",
                         description="Fine-tune a pretrained or imported run dir; writes a new run dir. "
                         "`instructions` builds an instruction set for `sft`.")
     ft_sub = ft.add_subparsers(dest="finetune_command", metavar="TASK", parser_class=Parser)
@@ -146,7 +169,24 @@ def register(sub) -> None:
     i.add_argument("--heldout-fraction", type=fraction, default=0.1, help="held-out share (default 0.1)")
     i.add_argument("--seed", type=nonneg_int, default=0, help="seed of the generated tasks and the split (default 0)")
     i.add_argument("--overwrite", action="store_true", help="replace an instruction set made earlier in --out")
+    i.add_argument("--task", choices=["arithmetic", "countdown"], default=None,
+                   help="instead: chat records of a built-in checkable task (--synthetic of them), with worked "
+                   "steps in a <think> section when --think is given; held-out prompts never in train")
+    i.add_argument("--difficulty", type=positive_int, default=1, help="with --task: 1 to 5 (default 1)")
+    i.add_argument("--think", action="store_true", help="with --task: answers begin with <think>worked steps</think>")
+    i.add_argument("--heldout", type=nonneg_int, default=200, help="with --task: held-out records (default 200)")
     i.set_defaults(func=cmd_instructions)
+
+    r = ft_sub.add_parser("rl", help="reinforcement learning on a checkable task (group-relative policy gradient)",
+                          description="Tune a run dir with reinforcement learning: for each prompt, --group-size "
+                          "answers are sampled and rewarded by a checker; each answer's advantage is its reward minus "
+                          "its group's mean; the loss is a token-level policy gradient (clipped when samples serve "
+                          "several updates), with an optional KL penalty to the starting model. Built-in tasks "
+                          "(--task) or your own (--prompts FILE.jsonl --reward PATH.py:FUNCTION). Settings: "
+                          "defaults, then --config, then flags.")
+    r.add_argument("--config", default=None, help="a TOML or YAML file of settings")
+    add_config_flags(r, RLConfig)
+    r.set_defaults(func=cmd_finetune_rl)
 
     k = sub.add_parser("classify", help="label texts with a classifier run dir",
                        description="Print one JSON object per text: {\"label\": ..., \"probs\": {label: p}}.")

@@ -46,12 +46,24 @@ def _write(text: str) -> None:
 
 def _answer(model, tok, prompt, args, seed, stop=()) -> str:
     from gpt2lab.generate import stream_answer
+    from gpt2lab.templates import THINK_CLOSE, THINK_OPEN
 
-    out = []
+    hide = getattr(args, "think", "show") == "hide"
+    out, shown = [], 0
     for piece in stream_answer(model, tok, prompt, args.max_new_tokens, args.temperature, args.top_k,
                                args.top_p, seed, stop=stop, use_cache=not args.no_cache):
-        _write(piece)
         out.append(piece)
+        if not hide:
+            _write(piece)
+            continue
+        # --think hide: nothing of a <think> ... </think> section at the start of the answer is shown
+        text = "".join(out)
+        start = len(text) - len(text.lstrip())
+        if text[start:start + len(THINK_OPEN)] == THINK_OPEN[:len(text) - start] and THINK_CLOSE not in text:
+            continue  # inside the section (or perhaps its opening tag): wait
+        visible = text.split(THINK_CLOSE, 1)[1].lstrip() if text.lstrip().startswith(THINK_OPEN) else text
+        _write(visible[shown:])
+        shown = len(visible)
     return "".join(out)
 
 
@@ -105,16 +117,26 @@ class Conversation:
             self.messages = turns[:-1]
 
     def add(self, text: str, reply: str) -> None:
-        from gpt2lab.templates import PLAIN
+        from gpt2lab.templates import PLAIN, split_thinking
 
-        # a base model's running text: keep the line break the terminal showed after the reply
-        self.messages += [{"role": "user", "content": text},
-                          {"role": "assistant", "content": reply + ("\n" if self.fmt is PLAIN else "")}]
+        # a base model's running text: keep the line break the terminal showed after the reply; an earlier
+        # answer's thinking is left out of the history (its answer is what the conversation goes on from)
+        answer = reply + "\n" if self.fmt is PLAIN else split_thinking(reply)[1]
+        self.messages += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
 
 
 def cmd_chat(args) -> int:
+    from gpt2lab.errors import UserError
     from gpt2lab.templates import PLAIN
 
+    if args.url is not None:
+        if args.run_dir is not None:
+            raise UserError("give a RUN_DIR or --url of a server, not both")
+        return _remote_chat(args)
+    if args.model is not None or args.api_key is not None:
+        raise UserError("--model and --api-key go with --url (a server); a RUN_DIR is used directly")
+    if args.run_dir is None:
+        raise UserError("chat needs a RUN_DIR, or --url of an OpenAI-compatible server (gpt2lab serve, vLLM, ...)")
     model, tok, fmt = _load(args)
     conv = Conversation(tok, fmt, model.config.block_size, args.max_new_tokens)
 
@@ -124,6 +146,66 @@ def cmd_chat(args) -> int:
         conv.add(text, reply)
         return reply
 
+    kind = (f"instruction model ({fmt.name} format): it answers, and remembers the conversation"
+            if fmt is not PLAIN else "base model: it continues your text")
+    return _session(args, f"gpt2lab chat with {args.run_dir}, a {kind}.", answer, conv.clear)
+
+
+def _remote_chat(args) -> int:
+    """Chat with a model behind an OpenAI-compatible server: the conversation is kept here and sent whole."""
+    from gpt2lab.client import Client, ServerError
+    from gpt2lab.errors import UserError
+    from gpt2lab.templates import THINK_CLOSE, THINK_OPEN
+
+    hide = getattr(args, "think", "show") == "hide"
+    client = Client(args.url, args.api_key)
+    name = args.model
+    if name is None:
+        names = client.models()
+        if not names:
+            raise UserError(f"the server at {client.base} lists no models; pass --model NAME")
+        name = names[0]
+    history: list[dict] = []
+    settings = {"max_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+                "top_k": args.top_k, "seed": args.seed}
+
+    def answer(text: str) -> str:
+        turns = history + [{"role": "user", "content": text}]
+        while True:
+            try:
+                pieces = client.stream_chat(name, turns, **settings)
+                reply, thinking = [], False
+                for kind, piece in pieces:
+                    # the server sends a thinking section apart (reasoning_content): shown as the model wrote
+                    # it, <think>...</think> before the answer, as `chat RUN_DIR` shows it (--think hide: not)
+                    if kind == "reasoning" and not hide:
+                        if not thinking:
+                            _write(THINK_OPEN)
+                            thinking = True
+                        _write(piece)
+                    elif kind == "content":
+                        if thinking:
+                            _write(THINK_CLOSE)
+                            thinking = False
+                        _write(piece)
+                        reply.append(piece)
+                if thinking:
+                    _write(THINK_CLOSE)
+                break
+            except ServerError as e:
+                if e.code == "context_length_exceeded" and len(turns) > 2:
+                    turns = turns[2:]  # drop the oldest exchange and ask again
+                    continue
+                raise
+        _write("\n")
+        # the answer goes on in the history, its thinking does not (as in `chat RUN_DIR`)
+        history[:] = turns + [{"role": "assistant", "content": "".join(reply)}]
+        return "".join(reply)
+
+    return _session(args, f"gpt2lab chat with {name} at {client.base}.", answer, history.clear)
+
+
+def _session(args, intro: str, answer, clear) -> int:
     if args.p is not None:
         answer(unescape(args.p))
         return 0
@@ -132,9 +214,7 @@ def cmd_chat(args) -> int:
         import readline  # noqa: F401 - line editing and history for input()
     except ImportError:
         pass
-    kind = (f"instruction model ({fmt.name} format): it answers, and remembers the conversation"
-            if fmt is not PLAIN else "base model: it continues your text")
-    print(f"gpt2lab chat with {args.run_dir}, a {kind}. /clear forgets, /quit or Ctrl-D leaves.")
+    print(f"{intro} /clear forgets, /quit or Ctrl-D leaves.")
     while True:
         try:
             text = input("> ")
@@ -144,7 +224,7 @@ def cmd_chat(args) -> int:
         if text.strip() == "/quit":
             return 0
         if text.strip() == "/clear":
-            conv.clear()
+            clear()
             print("(history cleared)")
             continue
         if not text.strip():
@@ -155,8 +235,12 @@ def cmd_chat(args) -> int:
             _write("\n(stopped)\n")
 
 
-def _common(p) -> None:
-    p.add_argument("run_dir", help="a run directory (trained, fine-tuned or imported)")
+def _common(p, run_optional: bool = False) -> None:
+    if run_optional:
+        p.add_argument("run_dir", nargs="?", default=None, help="a run directory (trained, fine-tuned or imported); "
+                       "or leave it out and give --url")
+    else:
+        p.add_argument("run_dir", help="a run directory (trained, fine-tuned or imported)")
     p.add_argument("--max-new-tokens", type=nonneg_int, default=200, help="tokens to generate (default 200)")
     p.add_argument("--temperature", type=_temperature, default=0.8, help="0 is greedy (default 0.8)")
     p.add_argument("--top-k", type=positive_int, default=None,
@@ -185,10 +269,19 @@ def register(sub) -> None:
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="talk to a model in the terminal",
-                       description="Interactive session: /clear forgets the history, /quit or Ctrl-D "
+                       description="Interactive session with a run dir, or with a model behind an OpenAI-compatible "
+                       "server (--url: gpt2lab serve, vLLM, ...): /clear forgets the history, /quit or Ctrl-D "
                        "leaves, Ctrl-C stops an answer. A base model continues your text; an instruction-tuned "
                        "one answers and keeps the conversation (the oldest turns go when the context fills).")
-    _common(c)
+    _common(c, run_optional=True)
+    c.add_argument("--url", default=None, help="talk to a model behind this OpenAI-compatible server instead "
+                   "(gpt2lab serve, vLLM, llama.cpp, Ollama, ...), e.g. http://127.0.0.1:8000")
+    c.add_argument("--model", default=None, metavar="NAME", help="with --url: the model to ask (default: the "
+                   "first the server lists)")
+    c.add_argument("--api-key", default=None, metavar="KEY", help="with --url: the server's API key")
     c.add_argument("-p", default=None, metavar="TEXT", help="answer this once and exit; \\n and \\t are a "
                    "newline and a tab")
+    c.add_argument("--think", choices=["show", "hide"], default="show",
+                   help="a model trained with a thinking stage: show its <think> section, or only the answer "
+                   "(default show)")
     c.set_defaults(func=cmd_chat)

@@ -75,7 +75,9 @@ def cmd_pretrain(args) -> int:
     if args.dry_run:
         from gpt2lab.plan import plan
 
-        print(plan(cfg, processes=args.processes, gpu_memory=args.gpu_memory))
+        text = plan(cfg, processes=args.processes, gpu_memory=args.gpu_memory)
+        if int(os.environ.get("RANK", "0")) == 0:  # (under torchrun: one plan, not one per process)
+            print(text)
         return 0
     result = pretrain(cfg, given)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -165,6 +165,54 @@ def build_instruction_set(out_dir: str | os.PathLike, source: str | os.PathLike 
     return counts
 
 
+def build_task_set(out_dir: str | os.PathLike, task: str, count: int, difficulty: int = 1, think: bool = False,
+                   heldout: int = 200, seed: int = 0, overwrite: bool = False) -> dict:
+    """Chat records of a built-in checkable task (gpt2lab.rl_tasks): `count` distinct train records from its
+    train stream and `heldout` from its held-out set (never in train), each answer with its worked steps in
+    a <think> section when `think`; and train.txt, the train records as text (one conversation a document).
+    For pretraining and SFT before RL, and to measure them."""
+    from gpt2lab import io
+    from gpt2lab.rl_tasks import get_task
+    from gpt2lab.templates import EOT_TEXT, render_messages, with_thinking
+
+    if count < 1:
+        raise UserError(f"--synthetic must be at least 1 with --task, got {count}")
+    t = get_task(task, difficulty)
+    out = Path(out_dir)
+    io.check_output_dir(out, "instructions", overwrite=overwrite, flag="--out")
+
+    def record(r: dict) -> dict:
+        steps, answer = t.solution(r)
+        reply = with_thinking(steps if think else None, answer)
+        return {"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": reply}],
+                "task": task, "answer": answer}
+
+    train, seen = [], set()
+    for draws, r in enumerate(t.prompts(seed, "train"), 1):
+        if r["prompt"] not in seen:
+            seen.add(r["prompt"])
+            train.append(record(r))
+            if len(train) == count:
+                break
+        if draws >= 20 * count:  # a small task has fewer distinct prompts than asked for: all it has
+            break
+    held = [record(r) for r in t.heldout(heldout, seed=seed)] if heldout else []
+    counts = {"train": {task: len(train)}, "heldout": {task: len(held)}}
+    # the train records as plain text too, one conversation a document, for a tokenizer and for pretraining
+    # (`gpt2lab prepare --doc-separator '\n\n\n'` puts the <|endoftext|> before each)
+    text = "\n\n\n".join(render_messages(r["messages"], "chat", add_generation_prompt=False).replace(EOT_TEXT, "")
+                          for r in train)
+    with io.staging(out) as tmp:
+        io.write_jsonl(tmp / "train.jsonl", train)
+        io.write_jsonl(tmp / "heldout.jsonl", held)
+        io.write_text(tmp / "train.txt", text + "\n")
+        io.write_json(tmp / io.INSTRUCTIONS_MARKER, {"format": "gpt2lab-instructions", "task": task,
+                                                     "difficulty": difficulty, "think": think, "seed": seed,
+                                                     "counts": counts})
+        io.publish(tmp, out)
+    return counts
+
+
 CHECKABLE = ("add", "reverse", "count", "replace")
 
 

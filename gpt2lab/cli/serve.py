@@ -1,0 +1,51 @@
+"""`gpt2lab serve`: an OpenAI-compatible server for a run dir, with a chat page (gpt2lab/serve.py)."""
+
+from __future__ import annotations
+
+from gpt2lab.cli import positive_int
+
+
+def _port(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not a port number (0-65535; 0 picks a free one)")
+    return value
+
+
+def cmd_serve(args) -> int:
+    from gpt2lab.serve import serve
+
+    serve(args.run_dir, host=args.host, port=args.port, model_name=args.model_name, api_key=args.api_key,
+          cors_origins=tuple(args.cors_origin or ()), max_batch=args.max_batch, device=args.device,
+          dtype=args.dtype, max_body=args.max_body_bytes)
+    return 0
+
+
+def register(sub) -> None:
+    s = sub.add_parser("serve", help="serve a run over an OpenAI-compatible HTTP API, with a chat page",
+                       description="Serve a run dir over HTTP: /v1/completions, /v1/chat/completions (streaming "
+                       "or not), /v1/models, /health, and a chat page at /. Concurrent requests share decoding "
+                       "steps (continuous batching). Needs the extra: pip install 'gpt2lab[serve]'.")
+    s.add_argument("run_dir", metavar="RUN", help="a run directory (trained, fine-tuned or imported)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
+                   "only; 0.0.0.0 listens everywhere, give it an --api-key)")
+    s.add_argument("--port", type=_port, default=8000, help="port to listen on (default 8000; 0 picks a free one)")
+    s.add_argument("--model-name", default=None, metavar="NAME",
+                   help="the model's id in the API (default: the run dir's name)")
+    s.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require `Authorization: Bearer KEY` on /v1 (default: no key)")
+    s.add_argument("--cors-origin", action="append", metavar="ORIGIN",
+                   help="let web pages from this origin call the API, e.g. http://localhost:3000 (repeatable; "
+                   "default: none)")
+    s.add_argument("--max-batch", type=positive_int, default=32,
+                   help="most sequences decoded together (default 32; 1 serves one at a time)")
+    s.add_argument("--max-body-bytes", type=positive_int, default=1 << 20, metavar="N",
+                   help="largest request body accepted (default 1048576)")
+    s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    s.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="fp32 or bf16 (default fp32)")
+    s.set_defaults(func=cmd_serve)

@@ -1,0 +1,238 @@
+"""Reinforcement learning on checkable tasks: group-relative policy gradients, a task on the shared loop.
+
+One optimizer step, for each prompt of the batch:
+
+    sample     --group-size answers from the current model (one prefill, the rows decoded together)
+    reward     each answer, by the task's checker (only the answer counts, not the thinking before it)
+    advantage  A = reward - the group's mean reward (divided by the group's standard deviation with
+               --scale-advantages); a group whose rewards are all equal teaches nothing and is skipped
+    loss       over every sampled token of the informative groups, normalised by their number of tokens
+               (longer answers weigh more, as in DAPO):  -min(ratio A, clip(ratio, 1 - c, 1 + c) A)
+               with ratio = p_now(token) / p_sampled(token), 1 on the first update of a batch of samples;
+               plus --kl x KL(model || starting model), off by default (k3 estimator, per token)
+
+The loop (gpt2lab.train) does the rest: accumulation, clipping, the schedule, checkpoints (a resumed run
+samples exactly the same answers: the sampling seed is a function of the run's seed and step), DDP,
+logging. Logged each step: reward, pass_rate, response_length, informative (the share of groups with
+different rewards), kl (to the starting model) and entropy; each evaluation: val_pass_at_1, greedy on
+held-out prompts never trained on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from gpt2lab import checkpoint as ckpt
+from gpt2lab.config import RLConfig
+from gpt2lab.data import GlobalOrder
+from gpt2lab.errors import UserError
+from gpt2lab.generate import generate_group
+from gpt2lab.model import GPT, GPTConfig
+from gpt2lab.model_config import derive
+from gpt2lab.rl_tasks import FileTask, Task, answer_text, get_task, score_task
+from gpt2lab.templates import encode_messages, get_format
+from gpt2lab.train import Task as LoopTask
+from gpt2lab.train import Trainer, model_overrides, run_task
+
+
+class PromptLoader:
+    """Micro-batches of prompt records in the one global order: a built-in task's endless train stream, or a
+    file's records shuffled per epoch. Rank r takes its slice of each micro-step's batch_size x W prompts."""
+
+    def __init__(self, task: Task, batch_size: int, seed: int, rank: int, world_size: int):
+        self.task, self.batch_size = task, batch_size
+        self.rank, self.world_size = rank, world_size
+        if isinstance(task, FileTask):
+            self.order = GlobalOrder(len(task.records), batch_size, seed=seed, rank=rank, world_size=world_size)
+        else:
+            self.order, self.position, self.made = None, 0, []
+            self.stream = task.prompts(seed, "train")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.order.steps_per_epoch if self.order is not None else 10**9
+
+    def _record(self, i: int) -> dict:
+        while len(self.made) <= i:
+            self.made.append(next(self.stream))
+        return self.made[i]
+
+    def next_batch(self) -> list[dict]:
+        if self.order is not None:
+            return [self.task.records[int(i)][1] for i in self.order.next_indices()]
+        first = self.position + self.rank * self.batch_size
+        self.position += self.batch_size * self.world_size
+        return [self._record(i) for i in range(first, first + self.batch_size)]
+
+    def state_dict(self) -> dict:
+        return self.order.state_dict() if self.order is not None else {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.order is not None:
+            self.order.load_state_dict(state, "prompts file")
+        else:
+            self.position = int(state["position"])
+
+
+class RLTask(LoopTask):
+    name = "rl"
+    cfg: RLConfig
+
+    def inputs(self) -> list[str]:
+        return [p for p in (self.cfg.init, self.cfg.prompts, self.cfg.reward.rpartition(":")[0]
+                            if self.cfg.reward else None) if p]
+
+    def load(self, trainer: Trainer) -> None:
+        cfg = self.cfg
+        self.base = ckpt.open_run(cfg.init, "--init")
+        if self.base.kind != "lm":
+            raise UserError(f"--init {cfg.init} is a classifier; RL tunes a language model")
+        self.tokenizer = ckpt.load_tokenizer(self.base)
+        if self.tokenizer.eot_id is None:
+            raise UserError(f"the tokenizer of --init {cfg.init} has no <|endoftext|> token to end answers with")
+        self.format = get_format(self.base.template)
+        if cfg.task:
+            self.rl_task = get_task(cfg.task, cfg.difficulty, cfg.format_reward)
+            self.eval_records = self.rl_task.heldout(cfg.eval_prompts, seed=0)
+            identity = {"task": cfg.task, "difficulty": cfg.difficulty}
+        else:
+            self.rl_task = FileTask(cfg.prompts, cfg.reward)
+            first = self.rl_task.records[0][1]
+            self.rl_task.reward(first, "")  # a function that cannot score a record fails now, not mid-run
+            self.eval_records = [r for _, r in self.rl_task.records[:cfg.eval_prompts]]
+            identity = {"prompts": str(Path(cfg.prompts).resolve()), "reward": cfg.reward,
+                        "records": len(self.rl_task.records)}
+        self.data_identity = identity
+        self.rollout: dict | None = None  # samples kept for --updates-per-batch > 1
+
+    def model_config(self, stored: GPTConfig | None) -> GPTConfig:
+        if stored is not None:
+            return stored
+        return derive(self.base.model_config, model_overrides(self.cfg), f"--init {self.cfg.init}")
+
+    def build_model(self, model_config: GPTConfig, resuming: bool) -> torch.nn.Module:
+        start, _ = ckpt.load_run(self.cfg.init, kind="lm", flag="--init")
+        self.reference = GPT(model_config).eval()  # the starting model, for the KL (never trained)
+        self.reference.load_state_dict(start.state_dict())
+        self.reference.requires_grad_(False)
+        model = GPT(model_config)
+        if not resuming:
+            model.load_state_dict(start.state_dict())
+        return model
+
+    def seq_len(self, model_config: GPTConfig) -> int:
+        return min(model_config.block_size, self.cfg.max_new_tokens)
+
+    def train_loader(self, trainer: Trainer):
+        self.reference.to(trainer.device)
+        return PromptLoader(self.rl_task, self.cfg.batch_size, self.cfg.seed, trainer.dist.rank,
+                            trainer.dist.world_size)
+
+    # -------------------------------------------------------------- sampling and the loss
+
+    def prompt_ids(self, record: dict) -> list[int]:
+        return encode_messages(self.tokenizer, [{"role": "user", "content": record["prompt"]}], self.format,
+                               add_generation_prompt=True)[0]
+
+    @torch.no_grad()
+    def _sample(self, batch: list[dict]) -> dict:
+        """Each prompt's group of answers, their rewards and advantages."""
+        cfg, trainer = self.cfg, self.trainer
+        model, block = trainer.model, trainer.model_config.block_size
+        # the sampling seed: a function of the run's seed, the step and the micro-batch (a resumed run draws the
+        # same answers)
+        if getattr(self, "_step_seen", None) != trainer.step:
+            self._step_seen, self._micro = trainer.step, 0
+        self._micro += 1
+        seed = (cfg.seed * 1_000_003 + trainer.step * 1009 + trainer.dist.rank * 101 + self._micro) % 2**63
+        gen = torch.Generator(device=trainer.device).manual_seed(seed)
+        prompts, samples, rewards = [], [], []
+        for record in batch:
+            ids = self.prompt_ids(record)[-(block - 1):]
+            room = min(cfg.max_new_tokens, block - len(ids))
+            group = generate_group(model, ids, cfg.group_size, room, cfg.temperature, generator=gen,
+                                   stop_ids={self.tokenizer.eot_id})
+            prompts.append(ids)
+            samples.append(group)
+            rewards.append([self.rl_task.reward(record, answer_text(self.tokenizer, self.format, s)) for s in group])
+        return {"prompts": prompts, "samples": samples, "rewards": rewards, "old_logp": None}
+
+    def loss(self, model, batch):
+        cfg = self.cfg
+        if cfg.updates_per_batch == 1 or self.rollout is None or self.trainer.step % cfg.updates_per_batch == 0:
+            self.rollout = self._sample(batch)
+        ro = self.rollout
+        device = self.trainer.device
+        rewards = torch.tensor(ro["rewards"], dtype=torch.float32)  # (P, G)
+        adv = rewards - rewards.mean(dim=1, keepdim=True)
+        if cfg.scale_advantages:
+            adv = adv / (rewards.std(dim=1, keepdim=True) + 1e-6)
+        informative = (rewards.max(dim=1).values > rewards.min(dim=1).values)  # (P,)
+        seqs = [p + s for p, group in zip(ro["prompts"], ro["samples"]) for s in group]
+        starts = [len(p) for p, group in zip(ro["prompts"], ro["samples"]) for _ in group]
+        T = max(len(s) for s in seqs) - 1
+        x = torch.full((len(seqs), T), self.tokenizer.eot_id, dtype=torch.long)
+        y = torch.zeros((len(seqs), T), dtype=torch.long)
+        answer = torch.zeros((len(seqs), T), dtype=torch.bool)  # the sampled tokens: the policy's actions
+        for i, (s, start) in enumerate(zip(seqs, starts)):
+            x[i, :len(s) - 1] = torch.tensor(s[:-1])
+            y[i, :len(s) - 1] = torch.tensor(s[1:])
+            answer[i, start - 1:len(s) - 1] = True
+        x, y, answer = x.to(device), y.to(device), answer.to(device)
+        logits = model(x).float()
+        logp_all = F.log_softmax(logits, dim=-1)
+        logp = logp_all.gather(-1, y[..., None])[..., 0]  # (N, T)
+        if ro["old_logp"] is None:  # the samples' probabilities under the model that drew them
+            ro["old_logp"] = logp.detach().cpu().tolist()
+        old = torch.tensor(ro["old_logp"], device=device)
+        with torch.no_grad():
+            ref = F.log_softmax(self.reference(x).float(), dim=-1).gather(-1, y[..., None])[..., 0]
+        weight = answer & informative.repeat_interleave(cfg.group_size).to(device)[:, None]
+        a = adv.reshape(-1).to(device)[:, None]
+        ratio = torch.exp(logp - old)
+        surrogate = torch.minimum(ratio * a, ratio.clamp(1 - cfg.clip, 1 + cfg.clip) * a)
+        log_ratio = ref - logp
+        kl = torch.exp(log_ratio) - log_ratio - 1  # k3: an unbiased, positive estimate of KL(model || start)
+        n = weight.sum()
+        if int(n) == 0:
+            loss = logits.sum() * 0.0  # no informative group: no gradient (and every process still takes part)
+        else:
+            loss = -(surrogate * weight).sum() / n
+            if cfg.kl:
+                loss = loss + cfg.kl * (kl * weight).sum() / n
+        answer_tokens = answer.sum().clamp(min=1)
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+        correct = (rewards >= self.rl_task.correct_at).float()
+        metrics = {"reward": rewards.mean(), "pass_rate": correct.mean(),
+                   "response_length": answer.sum(dim=1).float().mean().cpu(),
+                   "informative": informative.float().mean(),
+                   "kl": ((kl * answer).sum() / answer_tokens).detach(),
+                   "entropy": ((entropy * answer).sum() / answer_tokens).detach()}
+        return loss, metrics
+
+    # -------------------------------------------------------------- evaluation and the run dir
+
+    def evaluate(self, trainer: Trainer, model) -> dict:
+        result = score_task(model, self.tokenizer, self.format, self.rl_task, self.eval_records,
+                            max_new_tokens=self.cfg.max_new_tokens)
+        return {"val_pass_at_1": result["pass_at_1"], "val_reward": result["mean_reward"]}
+
+    def state_dict(self) -> dict:
+        return {"rollout": self.rollout if self.cfg.updates_per_batch > 1 else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rollout = state.get("rollout")
+
+    def run_config(self) -> dict:
+        extra = {"base": {"run_dir": str(Path(self.cfg.init).resolve())}, "rl": self.data_identity}
+        if self.base.template:
+            extra["template"] = self.base.template
+        return extra
+
+
+def finetune_rl(cfg: RLConfig, given: dict | None = None):
+    return run_task(cfg, RLTask(cfg), given)
+

@@ -1,0 +1,866 @@
+"""`gpt2lab serve`: an OpenAI-compatible HTTP server for a run, with a chat page.
+
+    gpt2lab serve RUN [--host 127.0.0.1] [--port 8000] [--model-name NAME] [--api-key KEY]
+
+Endpoints (FastAPI on uvicorn, the optional extra `gpt2lab[serve]`):
+
+    GET  /                      the chat page (gpt2lab/assets/chat.html: one static file, works offline)
+    GET  /health                {"status": "ok", ...} and the batch's counters (no key needed)
+    GET  /v1/models             the one model: its id is --model-name or the run dir's name
+    POST /v1/completions        prompt: text, texts, token ids or lists of them; echo; logprobs (0-20)
+    POST /v1/chat/completions   messages in the run's chat format (a base model: its running text,
+                                templates.PLAIN); logprobs / top_logprobs; a thinking section
+                                (<think>...</think> at the start of the answer) comes back apart, as
+                                `reasoning_content`
+
+Both take max_tokens / max_completion_tokens (capped by what the context leaves), temperature (0 is
+greedy), top_p, top_k (an extra), stop (a string or a list; the stop text is not returned), n, seed and
+stream (server-sent events in OpenAI's chunk format ending with `data: [DONE]`; stream_options.
+include_usage adds a last chunk with the usage). Every answer carries `usage`.
+
+Requests share decoding steps: a `gpt2lab.batching.Scheduler` runs the model in one worker thread and
+rows join and leave its batch between steps; the event loop only parses, queues and writes. A client
+that disconnects cancels its job (its rows leave the batch before the next step).
+
+Errors are OpenAI's JSON, {"error": {"message", "type", "param", "code"}}: 400 for malformed JSON or
+fields and a prompt past the context, 401 for a missing or wrong key (when --api-key is set), 404 for
+an unknown model or path, 413 for a body past --max-body-bytes, 503 when the queue is full, 500 when
+generation itself fails. No request can stop the server: a failed step fails its own requests only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import math
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gpt2lab.batching import Busy, Failed, Finish, Job, PromptLogprobs, Scheduler, Text
+from gpt2lab.errors import UserError
+from gpt2lab.templates import THINK_CLOSE, THINK_OPEN, split_thinking
+
+MAX_N = 16  # choices per request
+MAX_PROMPTS = 64  # prompts of one completions request
+MAX_STOP = 8  # stop strings (OpenAI allows 4)
+MAX_TOP_LOGPROBS = 20
+DEFAULT_MAX_BODY = 1 << 20
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+class APIError(Exception):
+    """An error answered as OpenAI does: HTTP status and {"error": {message, type, param, code}}."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, "invalid_request_error", param, code)
+
+
+# --------------------------------------------------------------------------------- thinking
+
+
+class ThinkSplitter:
+    """Splits an answer that arrives in pieces into (reasoning, content) pieces, as
+    `templates.split_thinking` splits a whole one.
+
+    A thinking section is the text between <think> and </think> at the start of the answer (white
+    space before <think> allowed); it is the reasoning (its surrounding white space dropped), the
+    rest is the content (white space right after </think> dropped). An answer that does not begin
+    with <think> is all content; one whose </think> never comes is all reasoning. Text that could be
+    the start of a tag, and white space that could end the reasoning, is held back until it is clear."""
+
+    def __init__(self):
+        self.state, self.buf, self.started = "start", "", False
+
+    def _reasoning(self, text: str) -> str:
+        if not self.started:
+            text = text.lstrip()
+            self.started = bool(text)
+        return text
+
+    def push(self, text: str) -> tuple[str, str]:
+        self.buf += text
+        reasoning = ""
+        if self.state == "start":
+            head = self.buf.lstrip()
+            if head.startswith(THINK_OPEN):
+                self.state, self.buf = "think", head[len(THINK_OPEN):]
+            elif THINK_OPEN.startswith(head):
+                return "", ""  # empty, white space, or a prefix of <think>: not clear yet
+            else:
+                self.state = "answer"
+        if self.state == "think":
+            end = self.buf.find(THINK_CLOSE)
+            if end < 0:
+                keep = max((k for k in range(1, len(THINK_CLOSE)) if self.buf.endswith(THINK_CLOSE[:k])), default=0)
+                ready = self.buf[:len(self.buf) - keep]
+                out = ready.rstrip()  # trailing white space may be the end of the section
+                self.buf = ready[len(out):] + self.buf[len(self.buf) - keep:]
+                return self._reasoning(out), ""
+            reasoning = self._reasoning(self.buf[:end].rstrip())
+            self.state, self.buf = "after", self.buf[end + len(THINK_CLOSE):]
+        if self.state == "after":
+            self.buf = self.buf.lstrip()
+            if not self.buf:
+                return reasoning, ""
+            self.state = "answer"
+        content, self.buf = self.buf, ""
+        return reasoning, content
+
+    def flush(self) -> tuple[str, str]:
+        """What is held back when the answer ends."""
+        buf, self.buf = self.buf, ""
+        if self.state == "think":
+            return self._reasoning(buf.rstrip()), ""
+        if self.state == "after":
+            return "", ""
+        return "", buf
+
+
+# ----------------------------------------------------------------------------- request fields
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _get_int(data: dict, name: str, lo: int, hi: int | None, default=None):
+    v = data.get(name)
+    if v is None:
+        return default
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if not _is_int(v) or v < lo or (hi is not None and v > hi):
+        limit = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
+        raise _bad(f"`{name}` must be an integer {limit}, got {json.dumps(v)[:40]}", name)
+    return v
+
+
+def _get_number(data: dict, name: str, lo: float, hi: float, default, lo_open: bool = False):
+    v = data.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) \
+            or v < lo or v > hi or (lo_open and v == lo):
+        raise _bad(f"`{name}` must be a number in {'(' if lo_open else '['}{lo:g}, {hi:g}], "
+                   f"got {json.dumps(v)[:40]}", name)
+    return float(v)
+
+
+def _get_bool(data: dict, name: str, default: bool = False) -> bool:
+    v = data.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise _bad(f"`{name}` must be true or false, got {json.dumps(v)[:40]}", name)
+    return v
+
+
+def _get_stop(data: dict) -> list[str]:
+    v = data.get("stop")
+    if v is None:
+        return []
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list) or len(v) > MAX_STOP or not all(isinstance(s, str) and len(s) <= 256 for s in v):
+        raise _bad(f"`stop` must be a string or a list of at most {MAX_STOP} strings (256 characters each)", "stop")
+    return [s for s in v if s]
+
+
+def _unsupported(data: dict) -> None:
+    """Fields gpt2lab does not implement are refused unless they ask for nothing."""
+    for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
+        v = data.get(name)
+        if v is not None and v != 0 and not (name == "repetition_penalty" and v == 1):
+            raise _bad(f"`{name}` is not supported by gpt2lab serve; leave it out", name)
+    if data.get("logit_bias"):
+        raise _bad("`logit_bias` is not supported by gpt2lab serve; leave it out", "logit_bias")
+    if data.get("tools") or data.get("functions"):
+        raise _bad("tools and function calling are not supported by gpt2lab serve", "tools")
+    rf = data.get("response_format")
+    if rf is not None and rf != {"type": "text"}:
+        raise _bad("only `response_format` {\"type\": \"text\"} is supported", "response_format")
+    if data.get("suffix"):
+        raise _bad("`suffix` is not supported by gpt2lab serve", "suffix")
+
+
+@dataclass
+class Params:
+    """The sampling settings of one request, checked."""
+
+    max_tokens: int | None
+    temperature: float
+    top_p: float | None
+    top_k: int | None
+    n: int
+    seed: int | None
+    stop: list[str]
+    stream: bool
+    include_usage: bool
+    logprobs: int | None  # None: none; k: the chosen token's and the k most likely
+    echo: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def parse_params(data: dict, chat: bool, max_n: int) -> Params:
+    _unsupported(data)
+    max_tokens = _get_int(data, "max_tokens", 0, None)
+    max_completion = _get_int(data, "max_completion_tokens", 0, None)
+    if max_completion is not None:
+        max_tokens = max_completion
+    if chat and max_tokens == 0:
+        raise _bad("`max_tokens` must be at least 1", "max_completion_tokens" if max_completion is not None
+                   else "max_tokens")
+    temperature = _get_number(data, "temperature", 0.0, 2.0, 1.0)
+    top_p = _get_number(data, "top_p", 0.0, 1.0, None, lo_open=True)
+    top_k = data.get("top_k")
+    if top_k is not None and _is_int(top_k) and top_k in (0, -1):
+        top_k = None  # "no top-k", as other servers spell it
+    elif top_k is not None:
+        top_k = _get_int(data, "top_k", 1, None)
+    n = _get_int(data, "n", 1, min(MAX_N, max_n), 1)
+    best_of = data.get("best_of")
+    if best_of is not None and best_of != n:
+        raise _bad("`best_of` other than n is not supported", "best_of")
+    seed = _get_int(data, "seed", 0, 2**63 - 1)
+    stream = _get_bool(data, "stream")
+    so = data.get("stream_options")
+    if so is not None and not isinstance(so, dict):
+        raise _bad("`stream_options` must be an object such as {\"include_usage\": true}", "stream_options")
+    include_usage = _get_bool(so or {}, "include_usage")
+    if chat:
+        want = _get_bool(data, "logprobs")
+        top = _get_int(data, "top_logprobs", 0, MAX_TOP_LOGPROBS, 0)
+        if data.get("top_logprobs") is not None and not want:
+            raise _bad("`top_logprobs` needs `logprobs`: true", "top_logprobs")
+        logprobs = top if want else None
+        echo = False
+    else:
+        logprobs = _get_int(data, "logprobs", 0, MAX_TOP_LOGPROBS)
+        echo = _get_bool(data, "echo")
+    return Params(max_tokens, temperature, top_p, top_k, n, seed, _get_stop(data), stream, include_usage,
+                  logprobs, echo)
+
+
+def parse_messages(data: dict) -> list[dict]:
+    """OpenAI chat messages -> gpt2lab's {role, content} (text parts joined; "developer" is a system message)."""
+    messages = data.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _bad("`messages` must be a non-empty list of {role, content} objects", "messages")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise _bad(f"{where} must be an object with `role` and `content`", where)
+        role = m.get("role")
+        if role == "developer":
+            role = "system"
+        if role not in ("system", "user", "assistant"):
+            raise _bad(f"{where}.role must be system, developer, user or assistant, got {json.dumps(role)[:40]}",
+                       f"{where}.role")
+        content = m.get("content")
+        if content is None and role == "assistant":
+            content = ""
+        if isinstance(content, list):
+            parts = []
+            for p in content:
+                if not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str):
+                    raise _bad(f"{where}.content: only text parts ({{\"type\": \"text\", \"text\": ...}}) are "
+                               "supported", f"{where}.content")
+                parts.append(p["text"])
+            content = "".join(parts)
+        if not isinstance(content, str):
+            raise _bad(f"{where}.content must be text", f"{where}.content")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def parse_prompts(data: dict) -> list[str | list[int]]:
+    """A completions `prompt`: text, a list of texts, a list of token ids, or a list of such lists."""
+    p = data.get("prompt")
+    if p is None:
+        raise _bad("`prompt` is required (text or token ids)", "prompt")
+    if isinstance(p, str):
+        return [p]
+    if isinstance(p, list) and p and all(_is_int(i) for i in p):
+        return [p]
+    if isinstance(p, list) and p and len(p) <= MAX_PROMPTS and all(
+            isinstance(x, str) or (isinstance(x, list) and x and all(_is_int(i) for i in x)) for x in p):
+        return p
+    raise _bad(f"`prompt` must be text, a list of token ids, or a list of at most {MAX_PROMPTS} of these", "prompt")
+
+
+# ------------------------------------------------------------------------------- the server
+
+
+@dataclass
+class _Prepared:
+    """One prompt of a request: its ids, the text to echo and how many tokens it may add."""
+
+    ids: list[int]
+    echo_text: str
+    limit: int
+
+
+class Server:
+    """What the routes share: the model's tokenizer and format, the scheduler, the settings."""
+
+    def __init__(self, model, tokenizer, fmt, model_name: str, *, max_batch: int = 32, api_key: str | None = None,
+                 max_body: int = DEFAULT_MAX_BODY, cors_origins: tuple[str, ...] = ()):
+        self.model, self.tokenizer, self.fmt, self.name = model, tokenizer, fmt, model_name
+        self.block = model.config.block_size
+        self.api_key, self.max_body, self.cors_origins = api_key, max_body, tuple(cors_origins)
+        self.scheduler = Scheduler(model, tokenizer, max_batch=max_batch)
+        self.created = int(time.time())
+
+    # prompts ---------------------------------------------------------------------------------
+
+    def _limit(self, n_prompt: int, p: Params, param: str, default: int | None) -> int:
+        if n_prompt > self.block:
+            raise _bad(f"the prompt is {n_prompt} tokens long, longer than the model's context of {self.block} "
+                       "tokens; shorten it", param, "context_length_exceeded")
+        room = self.block - n_prompt
+        wanted = p.max_tokens if p.max_tokens is not None else (default if default is not None else room)
+        if wanted > 0 and room == 0:
+            raise _bad(f"the prompt is {n_prompt} tokens long and fills the model's context of {self.block} "
+                       "tokens; no room is left for an answer", param, "context_length_exceeded")
+        return min(wanted, room)
+
+    def prepare_chat(self, messages: list[dict], p: Params) -> _Prepared:
+        from gpt2lab.templates import encode_messages
+
+        try:
+            ids, _ = encode_messages(self.tokenizer, messages, self.fmt, add_generation_prompt=True)
+        except UserError as e:
+            raise _bad(str(e), "messages") from None
+        if not ids:
+            ids = [self.tokenizer.eot_id]
+        return _Prepared(ids, "", self._limit(len(ids), p, "messages", None))
+
+    def prepare_completion(self, prompt, p: Params) -> _Prepared:
+        tok = self.tokenizer
+        if isinstance(prompt, str):
+            text, ids = prompt, tok.encode(prompt)
+        else:
+            bad = [i for i in prompt if not 0 <= i < tok.vocab_size]
+            if bad:
+                raise _bad(f"token id {bad[0]} is outside the vocabulary (0..{tok.vocab_size - 1})", "prompt")
+            text, ids = tok.decode(prompt), list(prompt)
+        if not ids:  # an empty prompt starts a new document, as `gpt2lab generate` does
+            ids = [tok.eot_id]
+        return _Prepared(ids, text, self._limit(len(ids), p, "prompt", 16))
+
+    # running ---------------------------------------------------------------------------------
+
+    def submit(self, prepared: list[_Prepared], p: Params, sink_for) -> list:
+        jobs = []
+        try:
+            for k, prep in enumerate(prepared):
+                job = Job(prep.ids, sink_for(k), max_new_tokens=prep.limit, temperature=p.temperature,
+                          top_k=p.top_k, top_p=p.top_p, seed=p.seed, stop=p.stop, n=p.n, logprobs=p.logprobs,
+                          prompt_logprobs=p.echo and p.logprobs is not None)
+                jobs.append(self.scheduler.submit(job))
+        except UserError as e:
+            for job in jobs:
+                job.cancel()
+            if isinstance(e, Busy):
+                raise APIError(503, str(e), "server_error", None, "server_busy") from None
+            raise _bad(str(e)) from None
+        return jobs
+
+    def token_text(self, token: int) -> tuple[str, bytes]:
+        """A token's text and bytes; a token that is not whole UTF-8 (part of a character) is shown as
+        "bytes:\\xe2\\x80", as OpenAI does."""
+        b = self.tokenizer.decode_bytes([token])
+        try:
+            return b.decode("utf-8"), b
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{c:02x}" for c in b), b
+
+
+# ------------------------------------------------------------------------------- the app
+
+
+def _check_key(server: Server, request) -> None:
+    if server.api_key is None:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), server.api_key.encode()):
+        raise APIError(401, "a valid API key is required: send `Authorization: Bearer KEY` with the key the server "
+                       "was started with (--api-key)", "invalid_request_error", None, "invalid_api_key")
+
+
+async def _read_json(server: Server, request) -> dict:
+    length = request.headers.get("content-length")
+    too_big = APIError(413, f"the request body is larger than the server's limit of {server.max_body} bytes",
+                       "invalid_request_error", None, "request_too_large")
+    if length is not None:
+        try:
+            if int(length) > server.max_body:
+                raise too_big
+        except ValueError:
+            raise _bad("invalid Content-Length header") from None
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > server.max_body:
+            raise too_big
+
+    def no_constants(name):
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        data = json.loads(bytes(body), parse_constant=no_constants)
+    except (ValueError, RecursionError) as e:
+        raise _bad(f"the request body is not valid JSON ({str(e)[:100]})") from None
+    if not isinstance(data, dict):
+        raise _bad("the request body must be a JSON object")
+    return data
+
+
+def _check_model(server: Server, data: dict) -> None:
+    model = data.get("model")
+    if model is None:
+        return
+    if not isinstance(model, str):
+        raise _bad("`model` must be text", "model")
+    if model != server.name:
+        raise APIError(404, f"the model `{model[:100]}` does not exist; this server serves `{server.name}`",
+                       "invalid_request_error", "model", "model_not_found")
+
+
+async def _disconnected(request) -> None:
+    """Returns when the client goes away (the request's body has been read already)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class _Run:
+    """A request's jobs and their events, on the event loop."""
+
+    def __init__(self, server: Server, prepared: list[_Prepared], p: Params):
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.server, self.prepared, self.p = server, prepared, p
+        self.jobs = server.submit(prepared, p, self._sink)
+        self.finished = 0
+        self.total = len(prepared) * p.n
+
+    def _sink(self, k: int):
+        def put(event):
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (k, event))
+        return put
+
+    def cancel(self) -> None:
+        for job in self.jobs:
+            job.cancel()
+
+    async def events(self):
+        """(choice index, event) until every choice finished; a failure raises APIError (500)."""
+        while self.finished < self.total:
+            k, ev = await self.queue.get()
+            if isinstance(ev, Failed):
+                self.cancel()
+                raise APIError(500, ev.message, "server_error", None, "generation_failed")
+            if isinstance(ev, Finish):
+                self.finished += 1
+            index = k * self.p.n + getattr(ev, "index", 0)
+            yield k, index, ev
+
+    def usage(self, completion_tokens: int) -> dict:
+        prompt = sum(len(x.ids) for x in self.prepared)
+        return {"prompt_tokens": prompt, "completion_tokens": completion_tokens,
+                "total_tokens": prompt + completion_tokens}
+
+
+def _chat_logprobs(server: Server, infos) -> list[dict]:
+    out = []
+    for t in infos:
+        text, b = server.token_text(t.id)
+        entry = {"token": text, "logprob": t.logprob, "bytes": list(b), "top_logprobs": []}
+        for alt, lp in t.top or []:
+            at, ab = server.token_text(alt)
+            entry["top_logprobs"].append({"token": at, "logprob": lp, "bytes": list(ab)})
+        out.append(entry)
+    return out
+
+
+class _CompletionLogprobs:
+    """The legacy completions `logprobs` object, built token by token."""
+
+    def __init__(self, server: Server, offset: int = 0):
+        self.server, self.offset = server, offset
+        self.tokens, self.token_logprobs, self.top_logprobs, self.text_offset = [], [], [], []
+
+    def add(self, infos) -> dict:
+        start = len(self.tokens)
+        for t in infos:
+            text, b = self.server.token_text(t.id)
+            self.tokens.append(text)
+            self.token_logprobs.append(t.logprob)
+            self.top_logprobs.append({self.server.token_text(a)[0]: lp for a, lp in t.top} if t.top else
+                                     (None if t.logprob is None else {}))
+            self.text_offset.append(self.offset)
+            self.offset += len(b.decode("utf-8", errors="ignore"))
+        return self.view(start)
+
+    def view(self, start: int = 0) -> dict:
+        return {"tokens": self.tokens[start:], "token_logprobs": self.token_logprobs[start:],
+                "top_logprobs": self.top_logprobs[start:], "text_offset": self.text_offset[start:]}
+
+
+def _sse(obj) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def chat_completions(server: Server, request):
+    _check_key(server, request)
+    data = await _read_json(server, request)
+    _check_model(server, data)
+    p = parse_params(data, chat=True, max_n=server.scheduler.max_batch)
+    messages = parse_messages(data)
+    prepared = [await asyncio.to_thread(server.prepare_chat, messages, p)]
+    run = _Run(server, prepared, p)
+    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": server.name}
+    n = p.n
+
+    if p.stream:
+        async def stream():
+            splitters = [ThinkSplitter() for _ in range(n)]
+            tokens = 0
+            try:
+                yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                 "logprobs": None, "finish_reason": None} for i in range(n)],
+                            **({"usage": None} if p.include_usage else {})})
+                try:
+                    async for _, i, ev in run.events():
+                        choice = {"index": i, "delta": {}, "logprobs": None, "finish_reason": None}
+                        if isinstance(ev, Text):
+                            reasoning, content = splitters[i].push(ev.text)
+                        elif isinstance(ev, Finish):
+                            reasoning, content = splitters[i].flush()
+                            tokens += ev.completion_tokens
+                        else:
+                            continue
+                        if reasoning:
+                            choice["delta"]["reasoning_content"] = reasoning
+                        if content:
+                            choice["delta"]["content"] = content
+                        if p.logprobs is not None and getattr(ev, "tokens", None):
+                            choice["logprobs"] = {"content": _chat_logprobs(server, ev.tokens)}
+                        if choice["delta"] or choice["logprobs"]:
+                            yield _sse({**head, "choices": [choice], **({"usage": None} if p.include_usage else {})})
+                        if isinstance(ev, Finish):
+                            yield _sse({**head, "choices": [{"index": i, "delta": {}, "logprobs": None,
+                                                             "finish_reason": ev.reason}],
+                                        **({"usage": None} if p.include_usage else {})})
+                except APIError as e:
+                    yield _sse(e.body())
+                    return
+                if p.include_usage:
+                    yield _sse({**head, "choices": [], "usage": run.usage(tokens)})
+                yield b"data: [DONE]\n\n"
+            finally:
+                run.cancel()
+
+        return _streaming(stream())
+
+    async def collect():
+        texts, reasons, lps, tokens = [""] * n, [None] * n, [[] for _ in range(n)], 0
+        async for _, i, ev in run.events():
+            if isinstance(ev, Text):
+                texts[i] += ev.text
+                if p.logprobs is not None:
+                    lps[i] += _chat_logprobs(server, ev.tokens)
+            elif isinstance(ev, Finish):
+                reasons[i] = ev.reason
+                tokens += ev.completion_tokens
+        choices = []
+        for i in range(n):
+            reasoning, content = split_thinking(texts[i])  # (None, text) when there is no thinking
+            message = {"role": "assistant", "content": content}
+            if reasoning:
+                message["reasoning_content"] = reasoning
+            choices.append({"index": i, "message": message,
+                            "logprobs": {"content": lps[i]} if p.logprobs is not None else None,
+                            "finish_reason": reasons[i]})
+        return {"id": rid, "object": "chat.completion", "created": created, "model": server.name,
+                "choices": choices, "usage": run.usage(tokens)}
+
+    return await _answer(request, run, collect())
+
+
+async def completions(server: Server, request):
+    _check_key(server, request)
+    data = await _read_json(server, request)
+    _check_model(server, data)
+    p = parse_params(data, chat=False, max_n=server.scheduler.max_batch)
+    prompts = parse_prompts(data)
+    prepared = await asyncio.to_thread(lambda: [server.prepare_completion(x, p) for x in prompts])
+    run = _Run(server, prepared, p)
+    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    head = {"id": rid, "object": "text_completion", "created": created, "model": server.name}
+    total = len(prepared) * p.n
+
+    def echo_lp(k: int, ev) -> _CompletionLogprobs:
+        lp = _CompletionLogprobs(server)
+        lp.add(ev.tokens)
+        lp.offset = len(prepared[k].echo_text)
+        return lp
+
+    if p.stream:
+        async def stream():
+            lps = [None] * total
+            tokens = 0
+            extra = {"usage": None} if p.include_usage else {}
+            try:
+                if p.echo and p.logprobs is None:
+                    for k, prep in enumerate(prepared):
+                        for j in range(p.n):
+                            yield _sse({**head, "choices": [{"index": k * p.n + j, "text": prep.echo_text,
+                                                             "logprobs": None, "finish_reason": None}], **extra})
+                try:
+                    async for k, i, ev in run.events():
+                        choice = {"index": i, "text": "", "logprobs": None, "finish_reason": None}
+                        if isinstance(ev, PromptLogprobs):  # the prompt's logprobs (echo)
+                            for j in range(p.n):
+                                lp = echo_lp(k, ev)
+                                lps[k * p.n + j] = lp
+                                yield _sse({**head, "choices": [{"index": k * p.n + j, "text": prepared[k].echo_text,
+                                                                 "logprobs": lp.view(), "finish_reason": None}],
+                                            **extra})
+                            continue
+                        if isinstance(ev, Text):
+                            choice["text"] = ev.text
+                            if p.logprobs is not None:
+                                if lps[i] is None:
+                                    lps[i] = _CompletionLogprobs(server)
+                                choice["logprobs"] = lps[i].add(ev.tokens)
+                        elif isinstance(ev, Finish):
+                            choice["finish_reason"] = ev.reason
+                            tokens += ev.completion_tokens
+                        yield _sse({**head, "choices": [choice], **extra})
+                except APIError as e:
+                    yield _sse(e.body())
+                    return
+                if p.include_usage:
+                    yield _sse({**head, "choices": [], "usage": run.usage(tokens)})
+                yield b"data: [DONE]\n\n"
+            finally:
+                run.cancel()
+
+        return _streaming(stream())
+
+    async def collect():
+        texts = [prepared[i // p.n].echo_text if p.echo else "" for i in range(total)]
+        reasons, tokens = [None] * total, 0
+        lps: list[_CompletionLogprobs | None] = [None] * total
+        async for k, i, ev in run.events():
+            if isinstance(ev, PromptLogprobs):
+                for j in range(p.n):
+                    lps[k * p.n + j] = echo_lp(k, ev)
+            elif isinstance(ev, Text):
+                texts[i] += ev.text
+                if p.logprobs is not None:
+                    if lps[i] is None:
+                        lps[i] = _CompletionLogprobs(server, len(texts[i]) - len(ev.text))
+                    lps[i].add(ev.tokens)
+            elif isinstance(ev, Finish):
+                reasons[i] = ev.reason
+                tokens += ev.completion_tokens
+        choices = [{"index": i, "text": texts[i],
+                    "logprobs": (lps[i] or _CompletionLogprobs(server)).view() if p.logprobs is not None else None,
+                    "finish_reason": reasons[i]} for i in range(total)]
+        return {**head, "choices": choices, "usage": run.usage(tokens)}
+
+    return await _answer(request, run, collect())
+
+
+def _streaming(body):
+    from starlette.responses import StreamingResponse
+
+    return StreamingResponse(body, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _answer(request, run: _Run, collect):
+    """The collected answer; if the client leaves first, its jobs are cancelled."""
+    from starlette.responses import JSONResponse, Response
+
+    task = asyncio.ensure_future(collect)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+            run.cancel()
+        gone.cancel()
+    if task.cancelled():
+        return Response(status_code=499)  # nobody reads it
+    return JSONResponse(task.result())
+
+
+def create_app(server: Server):
+    """The FastAPI application of a `Server` (its scheduler starts and stops with the app)."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI
+    from starlette.exceptions import HTTPException
+    from starlette.middleware.cors import CORSMiddleware
+    from starlette.responses import HTMLResponse, JSONResponse
+
+    page = (Path(__file__).parent / "assets" / "chat.html").read_text(encoding="utf-8")
+
+    @asynccontextmanager
+    async def lifespan(app):
+        server.scheduler.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(server.scheduler.close)
+
+    app = FastAPI(title="gpt2lab serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.server = server
+    if server.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(server.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], max_age=600)
+
+    @app.exception_handler(APIError)
+    async def api_error(request, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e: HTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        message = f"{request.method} {request.url.path}: {e.detail}"
+        return JSONResponse(APIError(e.status_code, message, "invalid_request_error", None, code).body(),
+                            status_code=e.status_code, headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, e: Exception):
+        return JSONResponse(APIError(500, f"internal error: {type(e).__name__}", "server_error").body(),
+                            status_code=500)
+
+    # plain Starlette-style routes (the handler gets the Request): the bodies are parsed and checked here, so
+    # that every mistake is answered in OpenAI's error shape
+    async def chat_page(request):
+        return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
+
+    async def health(request):
+        return JSONResponse({"status": "ok", "model": server.name, **server.scheduler.stats()})
+
+    def model_card() -> dict:
+        return {"id": server.name, "object": "model", "created": server.created, "owned_by": "gpt2lab",
+                "context_length": server.block, "chat_format": server.fmt.name}
+
+    async def models(request):
+        _check_key(server, request)
+        return JSONResponse({"object": "list", "data": [model_card()]})
+
+    async def model(request):
+        _check_key(server, request)
+        _check_model(server, {"model": request.path_params["model_id"]})
+        return JSONResponse(model_card())
+
+    async def chat(request):
+        return await chat_completions(server, request)
+
+    async def complete(request):
+        return await completions(server, request)
+
+    app.add_route("/", chat_page, methods=["GET"], include_in_schema=False)
+    app.add_route("/health", health, methods=["GET"], include_in_schema=False)
+    app.add_route("/v1/models", models, methods=["GET"], include_in_schema=False)
+    app.add_route("/v1/models/{model_id:path}", model, methods=["GET"], include_in_schema=False)
+    app.add_route("/v1/chat/completions", chat, methods=["POST"], include_in_schema=False)
+    app.add_route("/v1/completions", complete, methods=["POST"], include_in_schema=False)
+    return app
+
+
+# --------------------------------------------------------------------------------- the command
+
+
+def _listen(host: str, port: int):
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise UserError(f"--host {host}: cannot resolve it ({e.strerror}); pass an address such as 127.0.0.1") \
+            from None
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port or stop what "
+                        "uses it") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(run_dir, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
+          api_key: str | None = None, cors_origins: tuple[str, ...] = (), max_batch: int = 32,
+          device: str = "auto", dtype: str = "fp32", max_body: int = DEFAULT_MAX_BODY, ready=None) -> None:
+    """Load the run and serve it until interrupted (the `gpt2lab serve` command)."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise UserError("gpt2lab serve needs FastAPI and uvicorn: pip install 'gpt2lab[serve]'") from None
+    import torch
+
+    from gpt2lab.checkpoint import load_run, open_run
+    from gpt2lab.distributed import resolve_device
+    from gpt2lab.templates import get_format
+
+    if api_key is not None and not api_key.strip():
+        raise UserError("--api-key is empty; give a key or leave the flag out")
+    name = model_name or Path(run_dir).resolve().name
+    if not name.strip():
+        raise UserError("--model-name is empty")
+    fmt = get_format(open_run(run_dir).template)
+    model, tok = load_run(run_dir, device=resolve_device(device), kind="lm")
+    if dtype == "bf16":
+        model = model.to(torch.bfloat16)
+    if tok.eot_id is None:
+        raise UserError(f"{run_dir}: the tokenizer has no <|endoftext|> token; gpt2lab serve needs one to end answers")
+    sock = _listen(host, port)
+    if host not in LOOPBACK and api_key is None:
+        print(f"warning: serving on {host} without --api-key: anyone who can reach this machine can use the model",
+              file=sys.stderr, flush=True)
+    server = Server(model, tok, fmt, name, max_batch=max_batch, api_key=api_key, max_body=max_body,
+                    cors_origins=cors_origins)
+    app = create_app(server)
+    bound = sock.getsockname()[1]
+    shown = f"[{host}]" if ":" in host else host
+    print(f"gpt2lab serve: {run_dir} as model {name!r} ({fmt.name} format, context {server.block}, batch up to "
+          f"{max_batch}) on http://{shown}:{bound} (chat page at /, API at /v1)", flush=True)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=3)
+    if ready is not None:
+        ready(server, bound)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn shut down gracefully and passes Ctrl-C on: the usual way to stop
+        pass
+    print("gpt2lab serve: stopped", flush=True)
