@@ -1,6 +1,6 @@
 """What `pretrain --doc-mask` costs and gives: tokens/s and held-out loss with and without it.
 
-    python bench/doc_mask.py                                  # micro preset, 256-token rows, 120 steps
+    python bench/doc_mask.py                                  # micro preset, 256-token rows, 200 steps
     python bench/doc_mask.py --model nano --seq-len 128 --steps 300 --workdir /tmp/docmask
 
 The bundled Shakespeare is cut into documents at every blank line (`--doc-separator '\\n\\n'`: speeches
@@ -49,7 +49,7 @@ def main() -> None:
     p.add_argument("--model", default="micro", help="model preset (default micro: 4 layers, width 256)")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--steps", type=int, default=200)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--eval-limit", type=int, default=None, help="score only the first N val documents")

@@ -18,7 +18,8 @@ Formats (a run dir made by SFT stores its name in config.json as "template"):
 GPT-2's vocabulary has a single special token, so turn markers are ordinary text; every
 assistant answer ends with <|endoftext|>, which SFT trains, so a model learns to stop. An answer
 also stops at the format's stop text ("\\n### ", the start of a next turn) in case it runs on.
-A base model (no format) gets no markup: the conversation is its running text.
+A base model (no format) gets no markup: the conversation is its running text (`gpt2lab chat`), or,
+through the server's chat API, a plain transcript ("User: ...\nAssistant:") that it continues.
 
 Thinking. An answer may begin with a thinking section, `<think>worked steps</think>`, then the
 answer itself (plain text markers: GPT-2's vocabulary has no spare special tokens, and text works
@@ -57,6 +58,11 @@ class ChatFormat:
         out: list[Segment] = []
         if self.name == "plain":  # a base model: the messages are its running text
             return [Segment(m["content"], answer=m["role"] == "assistant") for m in msgs]
+        if self.name == "transcript":  # a base model asked through a chat API: a transcript to continue
+            out = [Segment(f"{m['role'].capitalize()}: {m['content']}\n") for m in msgs]
+            if add_generation_prompt:
+                out.append(Segment("Assistant:"))
+            return out
         system = " ".join(m["content"] for m in msgs if m["role"] == "system")
         turns = [m for m in msgs if m["role"] != "system"]
         if self.name == "alpaca":
@@ -97,6 +103,7 @@ class ChatFormat:
 
 FORMATS = {f.name: f for f in (ChatFormat("alpaca", ("\n### ",)), ChatFormat("chat", ("\n### ",)))}
 PLAIN = ChatFormat("plain", ())
+TRANSCRIPT = ChatFormat("transcript", ("\nUser:",))  # the server's rendering of a chat for a base model
 
 
 def get_format(name: str | None) -> ChatFormat:

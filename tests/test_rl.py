@@ -234,7 +234,8 @@ def test_a_toy_reward_rises_and_resume_is_bitwise(chat_run, tmp_path, capsys):
     assert code == 0, err
     from safetensors.torch import load_file
 
-    a, b = load_file(str(tmp_path / "rl" / "model.safetensors")), load_file(str(tmp_path / "half" / "model.safetensors"))
+    a = load_file(str(tmp_path / "rl" / "model.safetensors"))
+    b = load_file(str(tmp_path / "half" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -283,6 +283,20 @@ def test_greedy_completion_equals_generate(base, runs, monkeypatch, capsys):
     assert r.choices[0].finish_reason == "length" and r.object == "text_completion"
 
 
+def test_a_base_model_chats_through_a_transcript(base, runs):
+    """A base model has no chat format: the API gives it a plain transcript to continue, up to the next turn."""
+    from gpt2lab.templates import TRANSCRIPT, render_messages
+
+    messages = [{"role": "user", "content": "Hello world"}, {"role": "assistant", "content": "Hello there"},
+                {"role": "user", "content": "The quick"}]
+    r = base.client().chat.completions.create(model="base", messages=messages, max_tokens=12, temperature=0)
+    prompt = render_messages(messages, TRANSCRIPT)
+    assert prompt == "User: Hello world\nAssistant: Hello there\nUser: The quick\nAssistant:"
+    model, tok = load_run(runs["base"])
+    ids, _ = encode_messages(tok, messages, TRANSCRIPT)
+    assert r.choices[0].message.content == answer(model, tok, ids, 12, stop=TRANSCRIPT.stop)
+
+
 def test_greedy_chat_equals_generate(chat, runs, monkeypatch, capsys):
     r = chat.client().chat.completions.create(model="tiny-chat", messages=user("Name a color."), max_tokens=12,
                                               temperature=0)

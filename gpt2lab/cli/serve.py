@@ -38,7 +38,8 @@ def register(sub) -> None:
     s.add_argument("--model-name", default=None, metavar="NAME",
                    help="the model's id in the API (default: the run dir's name)")
     s.add_argument("--api-key", default=None, metavar="KEY",
-                   help="require `Authorization: Bearer KEY` on /v1 (default: no key)")
+                   help="require `Authorization: Bearer KEY` on /v1 (default: $GPT2LAB_API_KEY if set, which "
+                   "other users cannot see in `ps`; else no key)")
     s.add_argument("--cors-origin", action="append", metavar="ORIGIN",
                    help="let web pages from this origin call the API, e.g. http://localhost:3000 (repeatable; "
                    "default: none)")
