@@ -104,8 +104,11 @@ def bundled_data(workdir: Path, vocab_size: int = 4096, doc_separator: str = r"\
 
 def run_metrics(run_dir: Path) -> dict:
     """From a run's metrics.jsonl: per-step losses, val losses, and the training loop's tokens/s over every
-    logged window but the first (start-up), evaluations and checkpoints not counted."""
+    logged window but the first (start-up), evaluations and checkpoints not counted: over all of them
+    ("tokens_per_sec") and the median window ("median_tokens_per_sec", which a burst of other work on the
+    machine moves less)."""
     import json
+    import statistics
 
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
@@ -114,7 +117,8 @@ def run_metrics(run_dir: Path) -> dict:
     windows = [(b["tokens"] - a["tokens"], b["tokens_per_sec"]) for a, b in zip(steps, steps[1:])]
     seconds = sum(n / rate for n, rate in windows if rate > 0)
     tok_s = sum(n for n, _ in windows) / seconds if seconds else float("nan")
-    return {"losses": losses, "vals": vals, "tokens_per_sec": tok_s}
+    median = statistics.median(rate for _, rate in windows) if windows else float("nan")
+    return {"losses": losses, "vals": vals, "tokens_per_sec": tok_s, "median_tokens_per_sec": median}
 
 
 def load_line() -> str:

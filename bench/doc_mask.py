@@ -86,7 +86,8 @@ def main() -> None:
                 eval_cmd += ["--limit", str(args.eval_limit)]
             run_command(eval_cmd)
             ev = json.loads(scored.read_text())[0]
-            rows.append({"doc_mask": mask, "tokens_per_sec": m["tokens_per_sec"], "wall_s": wall,
+            rows.append({"doc_mask": mask, "tokens_per_sec": m["tokens_per_sec"],
+                         "median_tokens_per_sec": m["median_tokens_per_sec"], "wall_s": wall,
                          "train_loss": m["losses"][max(m["losses"])], "loop_val_loss": m["vals"][max(m["vals"])],
                          "eval_loss": ev["loss"], "eval_bpb": ev["bpb"], "eval_docs": ev["n"]})
 
@@ -103,14 +104,16 @@ def main() -> None:
     print(f"- eval loss: `gpt2lab eval RUN --task loss --data DATA`, each of {rows[0]['eval_docs']:,} val documents "
           "scored alone (the same for both runs); loop val loss: the run's own last validation (masked rows "
           "with --doc-mask, so not comparable)\n")
-    print("| --doc-mask | tokens/s (training loop) | wall s (whole command) | final train loss | loop val loss "
-          "| eval loss | eval bits/byte |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| --doc-mask | tokens/s (training loop) | median of 10-step windows | wall s (whole command) "
+          "| final train loss | loop val loss | eval loss | eval bits/byte |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {'on' if r['doc_mask'] else 'off'} | {r['tokens_per_sec']:,.0f} | {r['wall_s']:.1f} | "
+        print(f"| {'on' if r['doc_mask'] else 'off'} | {r['tokens_per_sec']:,.0f} | "
+              f"{r['median_tokens_per_sec']:,.0f} | {r['wall_s']:.1f} | "
               f"{r['train_loss']:.4f} | {r['loop_val_loss']:.4f} | {r['eval_loss']:.4f} | {r['eval_bpb']:.4f} |")
     off, on = rows
-    print(f"\n--doc-mask: {on['tokens_per_sec'] / off['tokens_per_sec']:.2f}x the tokens/s, eval loss "
+    print(f"\n--doc-mask: {on['tokens_per_sec'] / off['tokens_per_sec']:.2f}x the tokens/s "
+          f"({on['median_tokens_per_sec'] / off['median_tokens_per_sec']:.2f}x by the median window), eval loss "
           f"{on['eval_loss'] - off['eval_loss']:+.4f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows, "several": several}, indent=1))

@@ -83,16 +83,16 @@ def main() -> None:
     m = ref["params"]
     print(f"- model: {m['n_layer']} layers, width {m['n_embd']}, {m['n_head']} heads, vocabulary {m['vocab_size']} "
           "(the bundled Shakespeare, a 4096-token BPE)\n")
-    print("| run | threads per process | tokens/s (training loop) | vs 1 process | wall s (whole command) "
-          "| max \\|Δ loss\\| over the steps | \\|Δ val loss\\| | final loss |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| run | threads per process | tokens/s (training loop) | median step | vs 1 process "
+          "| wall s (whole command) | max \\|Δ loss\\| over the steps | \\|Δ val loss\\| | final loss |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in runs:
         steps = sorted(ref["losses"])
         assert sorted(r["losses"]) == steps, f"{r['name']}: steps {sorted(r['losses'])} != {steps}"
         diff = max(abs(r["losses"][s] - ref["losses"][s]) for s in steps)
         last = max(ref["vals"])
         dval = abs(r["vals"][last] - ref["vals"][last])
-        print(f"| {r['name']} | {r['threads']} | {r['tokens_per_sec']:,.0f} | "
+        print(f"| {r['name']} | {r['threads']} | {r['tokens_per_sec']:,.0f} | {r['median_tokens_per_sec']:,.0f} | "
               f"{r['tokens_per_sec'] / ref['tokens_per_sec']:.2f}x | {r['wall_s']:.1f} | {diff:.2e} | {dval:.2e} | "
               f"{r['losses'][steps[-1]]:.4f} |")
     if args.json:

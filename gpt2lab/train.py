@@ -420,7 +420,8 @@ class Trainer:
         trainer_state, state = ckpt.load_checkpoint(path)
         written_with = state.get("strategy", "ddp")
         if written_with != self.cfg.strategy:
-            raise UserError(f"{path} was written with --strategy {written_with}; resume with it")
+            raise UserError(f"{path} was written with --strategy {written_with}, but the run's config.json says "
+                            f"{self.cfg.strategy}; the run dir is inconsistent, start a new run with --init-from it")
         if self.fsdp:
             distributed.load_sharded(self.model, self.optimizer, path / ckpt.SHARDED)
         else:

@@ -115,8 +115,9 @@ def register(sub) -> None:
                    "others; prefix the task name when several tasks are given")
     p.add_argument("--limit", type=positive_int, default=None, help="score only the first N examples "
                    "(documents for loss)")
-    p.add_argument("--batch-size", type=positive_int, default=8,
-                   help="sequences per forward pass (a multiple-choice example with all its choices is one)")
+    p.add_argument("--batch-size", type=positive_int, default=32,
+                   help="sequences per forward pass (a multiple-choice example with all its choices is one) "
+                   "(default 32)")
     p.add_argument("--stride", type=positive_int, default=None,
                    help="loss: tokens between sliding windows (default half the context; the context "
                    "itself gives windows that do not overlap)")
