@@ -39,7 +39,7 @@ def plan(cfg: TrainConfig, processes: int | None = None, gpu_memory: float | Non
 
     from gpt2lab.data import read_meta
     from gpt2lab.model import GPT, GPTConfig
-    from gpt2lab.train import model_overrides
+    from gpt2lab.task import model_overrides
 
     world = processes or int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.data:

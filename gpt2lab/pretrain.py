@@ -21,16 +21,8 @@ from gpt2lab.data import document_inputs
 from gpt2lab.errors import UserError
 from gpt2lab.model import GPT, GPTConfig
 from gpt2lab.model_config import derive
-from gpt2lab.train import (
-    Task,
-    Trainer,
-    TrainResult,
-    held_out_mean,
-    lm_loss,
-    model_overrides,
-    moe_terms,
-    run_task,
-)
+from gpt2lab.task import Task, TrainResult, held_out_mean, lm_loss, model_overrides, moe_terms
+from gpt2lab.train import Trainer, run_task
 
 
 class LMTask(Task):

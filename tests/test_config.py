@@ -15,7 +15,7 @@ from gpt2lab.config import ClassifyConfig, LoopConfig, SFTConfig, TrainConfig, l
 from gpt2lab.errors import UserError
 from gpt2lab.model_config import GPTConfig, model_fields
 from gpt2lab.pretrain import pretrain
-from gpt2lab.train import model_overrides
+from gpt2lab.task import model_overrides
 
 
 @pytest.fixture(autouse=True)

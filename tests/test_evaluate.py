@@ -370,7 +370,7 @@ def test_loss_sliding_window_matches_direct_computation(loaded):
         assert res.metrics["tokens"] == sum(len(d) - 1 for d in docs)
         assert res.metrics["loss"] == pytest.approx(sum(want) / res.metrics["tokens"], rel=1e-5)
     # stride == context is the training loss over consecutive, non-overlapping windows
-    from gpt2lab.train import IGNORE_INDEX, lm_loss
+    from gpt2lab.task import IGNORE_INDEX, lm_loss
 
     doc = torch.tensor(docs[0])
     x = torch.zeros(3, BLOCK, dtype=torch.long)

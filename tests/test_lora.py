@@ -25,7 +25,7 @@ from gpt2lab.finetune.lora import (
 )
 from gpt2lab.model import GPT, GPTConfig, unique_state_dict
 from gpt2lab.optim import make_optimizer
-from gpt2lab.train import lm_loss
+from gpt2lab.task import lm_loss
 
 CFG = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=16)
 

@@ -23,8 +23,8 @@ from gpt2lab.data import TokenLoader, document_inputs, load_tokens
 from gpt2lab.generate import generate
 from gpt2lab.model import GPT, GPTConfig
 from gpt2lab.pretrain import pretrain
+from gpt2lab.task import lm_loss
 from gpt2lab.tokenizer import load_tokenizer_file
-from gpt2lab.train import lm_loss
 
 SEQ = 32
 STEPS = 60

@@ -237,7 +237,7 @@ def test_thinking_splitter_streams_what_split_thinking_splits():
     templates.split_thinking makes of the whole, and no piece shows part of a tag."""
     import random
 
-    from gpt2lab.serve import ThinkSplitter
+    from gpt2lab.openai_api import ThinkSplitter
     from gpt2lab.templates import split_thinking
 
     rng = random.Random(0)

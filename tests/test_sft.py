@@ -31,9 +31,10 @@ from gpt2lab.finetune.sft import SFTLoader, SFTTask, collate, encode_record, fin
 from gpt2lab.generate import generate
 from gpt2lab.model import GPT, GPTConfig
 from gpt2lab.pretrain import pretrain
+from gpt2lab.task import IGNORE_INDEX
 from gpt2lab.templates import render_messages
 from gpt2lab.tokenizer import load_tokenizer_file
-from gpt2lab.train import IGNORE_INDEX, Trainer
+from gpt2lab.train import Trainer
 
 BLOCK = 256
 SFT = dict(batch_size=8, max_steps=40, lr=4e-3, warmup_steps=2, eval_every=1000, eval_batches=4,

@@ -29,8 +29,8 @@ from gpt2lab.errors import UserError
 from gpt2lab.model import GPT, GPTConfig
 from gpt2lab.optim import ScratchAdamW, lr_at, make_optimizer, param_groups
 from gpt2lab.pretrain import pretrain
+from gpt2lab.task import IGNORE_INDEX, NonFiniteLoss, lm_loss
 from gpt2lab.tokenizer import load_tokenizer_file
-from gpt2lab.train import IGNORE_INDEX, NonFiniteLoss, lm_loss
 
 SEQ = 32
 TINY = dict(model="tiny", block_size=SEQ, batch_size=8, max_steps=10, lr=3e-3, warmup_steps=2,

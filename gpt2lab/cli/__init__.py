@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = Parser(prog="gpt2lab",
                description="GPT-2 from scratch: tokenizer, data, pretraining, generation, Hugging Face "
-               "interop, evaluation and fine-tuning. `gpt2lab COMMAND --help` for each.")
+               "interop, evaluation, fine-tuning (SFT, LoRA, classification, RL), serving and ablations. "
+               "`gpt2lab COMMAND --help` for each.")
     p.add_argument("--version", action="version", version=f"gpt2lab {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True

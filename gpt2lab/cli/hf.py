@@ -35,11 +35,12 @@ def register(sub) -> None:
                    "training wrote; never the source)")
     i.set_defaults(func=cmd_import)
 
-    e = sub.add_parser("export-hf", help="run dir -> Hugging Face GPT-2 directory",
-                       description="Write a run directory as a Hugging Face GPT-2 directory that "
-                       "transformers (GPT2LMHeadModel, AutoTokenizer), vLLM and lm-evaluation-harness "
-                       "load. A padded vocabulary is trimmed; a model without biases gets zero biases; a LoRA run is "
-                       "exported with its adapters merged; a classifier as GPT2ForSequenceClassification.")
+    e = sub.add_parser("export-hf", help="run dir -> Hugging Face directory (GPT-2 or Llama)",
+                       description="Write a run directory as a Hugging Face directory that transformers "
+                       "(GPT2LMHeadModel, or LlamaForCausalLM for a Llama-shaped model: rope, rmsnorm, swiglu, no "
+                       "bias; and AutoTokenizer), vLLM and lm-evaluation-harness load. A padded vocabulary is "
+                       "trimmed; a GPT-2 without biases gets zero biases; a LoRA run is exported with its adapters "
+                       "merged; a classifier as GPT2ForSequenceClassification.")
     e.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (trained, fine-tuned or imported)")
     e.add_argument("--out", required=True, metavar="DIR", help="the directory to write")
     e.add_argument("--overwrite", action="store_true", help="replace an export made earlier in --out (never "

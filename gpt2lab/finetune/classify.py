@@ -53,7 +53,8 @@ from gpt2lab.finetune.classify_data import (
 )
 from gpt2lab.model import GPTClassifier, GPTConfig
 from gpt2lab.model_config import derive
-from gpt2lab.train import Task, Trainer, TrainResult, model_overrides, moe_terms, run_task
+from gpt2lab.task import Task, TrainResult, model_overrides, moe_terms
+from gpt2lab.train import Trainer, run_task
 
 TASK = "classify"
 RESULTS_FILE = "results.json"

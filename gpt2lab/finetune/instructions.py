@@ -222,8 +222,8 @@ def score_sft(model, tokenizer, records: list[dict], fmt="alpaca", max_new_token
     """Response loss, exact match on checkable tasks, clean-stop rate; per task and overall."""
     from gpt2lab.finetune.sft import collate, encode_record
     from gpt2lab.generate import stream
+    from gpt2lab.task import lm_loss
     from gpt2lab.templates import encode_messages, get_format, record_messages
-    from gpt2lab.train import lm_loss
 
     fmt = get_format(fmt) if not hasattr(fmt, "segments") else fmt
     model.eval()

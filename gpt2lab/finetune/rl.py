@@ -33,9 +33,10 @@ from gpt2lab.generate import generate_group
 from gpt2lab.model import GPT, GPTConfig
 from gpt2lab.model_config import derive
 from gpt2lab.rl_tasks import FileTask, Task, answer_text, get_task, score_task
+from gpt2lab.task import Task as LoopTask
+from gpt2lab.task import model_overrides
 from gpt2lab.templates import encode_messages, get_format
-from gpt2lab.train import Task as LoopTask
-from gpt2lab.train import Trainer, model_overrides, run_task
+from gpt2lab.train import Trainer, run_task
 
 
 class PromptLoader:

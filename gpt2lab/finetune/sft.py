@@ -34,8 +34,9 @@ from gpt2lab.data import GlobalOrder
 from gpt2lab.errors import UserError
 from gpt2lab.model import GPT, GPTConfig
 from gpt2lab.model_config import derive
+from gpt2lab.task import IGNORE_INDEX, Task, held_out_mean, lm_loss, model_overrides, moe_terms
 from gpt2lab.templates import encode_messages, record_messages
-from gpt2lab.train import IGNORE_INDEX, Task, Trainer, held_out_mean, lm_loss, model_overrides, moe_terms, run_task
+from gpt2lab.train import Trainer, run_task
 
 # ------------------------------------------------------------------------------ records
 
