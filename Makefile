@@ -8,7 +8,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO   ?= demo
 CORPUS := gpt2lab/assets/shakespeare.txt.gz
-DEMO_STEPS ?= 400
+DEMO_STEPS ?= 800
 RL ?= demo-rl
 RL_TASK := --task countdown --difficulty 2
 
@@ -29,12 +29,13 @@ demo: install
 		--tokenizer $(DEMO)/tokenizer --out $(DEMO)/data --overwrite
 	$(BIN)/gpt2lab pretrain --data $(DEMO)/data --out $(DEMO)/run --config configs/demo.toml \
 		--max-steps $(DEMO_STEPS)
+	$(BIN)/gpt2lab eval $(DEMO)/run --task loss --data $(DEMO)/data
 	$(BIN)/gpt2lab plot $(DEMO)/run
 	@echo
 	@echo "Next:"
 	@echo "  $(BIN)/gpt2lab generate $(DEMO)/run --prompt 'ROMEO:' --max-new-tokens 100    # sample more"
 	@echo "  $(BIN)/gpt2lab eval $(DEMO)/run --task loss,hellaswag --limit 500               # score it"
-	@echo "  $(BIN)/gpt2lab pretrain --data $(DEMO)/data --out $(DEMO)/run2 --config configs/demo.toml --max-steps 2000"
+	@echo "  $(BIN)/gpt2lab pretrain --data $(DEMO)/data --out $(DEMO)/classic --config configs/gpt2-classic.toml  # as GPT-2"
 	@echo "  look at $(DEMO)/run/curves.png, or run: tensorboard --logdir $(DEMO)/run/tensorboard"
 
 rl-demo: install

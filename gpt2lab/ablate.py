@@ -132,10 +132,14 @@ def plot(rows: list[dict], path: Path) -> Path | None:
     except ImportError:
         return None
     fig, ax = plt.subplots(figsize=(8, 5))
-    for r in rows:
+    colours = plt.get_cmap("tab10").colors
+    for i, r in enumerate(rows):
         if r.get("curve"):
             steps, losses = zip(*r["curve"])
-            ax.plot(steps, losses, "o-", ms=3, lw=1.2, label=f"{r['name']} ({r['val_bpb']:.3f} bpb)")
+            # ten colours, then the next ten with another line and marker, so no two variants look alike
+            style = ("o-", "s--", "^:")[(i // len(colours)) % 3]
+            ax.plot(steps, losses, style, color=colours[i % len(colours)], ms=3, lw=1.2,
+                    label=f"{r['name']} ({r['val_bpb']:.3f} bpb)")
     ax.set_xlabel("step")
     ax.set_ylabel("validation loss (nats per token)")
     ax.grid(alpha=0.3)

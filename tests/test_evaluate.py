@@ -192,10 +192,13 @@ def cli_runs(run_dir, cli_files):
 
 
 def test_cli_task_names_match_library(cli_runs):
-    from gpt2lab.cli.evaluate import TASK_NAMES
+    from gpt2lab.cli.evaluate import CHECKABLE, TASK_NAMES
+    from gpt2lab.rl_tasks import BUILTIN
 
-    # the judge is a task of the CLI (gpt2lab.judge), given to evaluate_run as an extra task
-    assert TASK_NAMES == ev.TASKS + ("judge",)
+    # the judge is a task of the CLI (gpt2lab.judge), given to evaluate_run as an extra task; the
+    # checkable tasks are gpt2lab.rl_tasks' built-ins, scored by pass@k
+    assert TASK_NAMES == ev.TASKS + ("judge",) + CHECKABLE
+    assert set(CHECKABLE) == set(BUILTIN)
 
 
 # ----------------------------------------------------------------------------- text rules
