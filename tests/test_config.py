@@ -7,6 +7,7 @@ No training happens here: a bad setting must be refused before anything is writt
 
 import json
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 
@@ -194,3 +195,32 @@ def test_resume_settings_in_a_config_file_are_checked_too(tmp_path, capsys):
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     assert "--lr 0.004" in err and "0.003" in err
     assert sorted(p.name for p in run.iterdir()) == before
+
+
+# ----------------------------------------------------------------------------- the shipped config files
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.toml")))
+def test_shipped_config_files_build_valid_configs(name):
+    from gpt2lab.config import build
+
+    cfg = build(TrainConfig, {**load_config_file(CONFIGS / name, TrainConfig), "out": "runs/x", "data": "data/x"})
+    cfg.validate()
+    GPTConfig.from_preset(cfg.model, **model_overrides(cfg))  # the model it describes is a valid one
+
+
+def test_demo_is_the_modern_recipe_and_classic_is_gpt2_at_the_same_budget():
+    from gpt2lab.config import build
+
+    demo = build(TrainConfig, load_config_file(CONFIGS / "demo.toml", TrainConfig))
+    classic = build(TrainConfig, load_config_file(CONFIGS / "gpt2-classic.toml", TrainConfig))
+    modern = GPTConfig.from_preset(demo.model, **model_overrides(demo))
+    gpt2 = GPTConfig.from_preset(classic.model, **model_overrides(classic))
+    assert (modern.pos_embedding, modern.norm, modern.qk_norm, modern.mlp, modern.tie_embeddings) == (
+        "rope", "rmsnorm", True, "relu2", False)
+    assert demo.optimizer == "muon" and classic.optimizer == "adamw"
+    assert gpt2 == GPTConfig.from_preset("micro", block_size=gpt2.block_size)  # GPT-2's architecture throughout
+    budget = ("model", "block_size", "batch_size", "seq_len", "max_steps", "lr", "min_lr", "warmup_steps", "seed")
+    assert all(getattr(demo, k) == getattr(classic, k) for k in budget)
