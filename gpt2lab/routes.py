@@ -98,6 +98,7 @@ class _Run:
         self.jobs = server.submit(prepared, p, self._sink)
         self.finished = 0
         self.total = len(prepared) * p.n
+        self.completion_tokens = 0  # of the choices that finished
 
     def _sink(self, k: int):
         def put(event):
@@ -117,13 +118,14 @@ class _Run:
                 raise APIError(500, ev.message, "server_error", None, "generation_failed")
             if isinstance(ev, Finish):
                 self.finished += 1
+                self.completion_tokens += ev.completion_tokens
             index = k * self.p.n + getattr(ev, "index", 0)
             yield k, index, ev
 
-    def usage(self, completion_tokens: int) -> dict:
+    def usage(self) -> dict:
         prompt = sum(len(x.ids) for x in self.prepared)
-        return {"prompt_tokens": prompt, "completion_tokens": completion_tokens,
-                "total_tokens": prompt + completion_tokens}
+        return {"prompt_tokens": prompt, "completion_tokens": self.completion_tokens,
+                "total_tokens": prompt + self.completion_tokens}
 
 
 async def chat_completions(server: Server, request):
@@ -139,48 +141,36 @@ async def chat_completions(server: Server, request):
     n = p.n
 
     if p.stream:
-        async def stream():
-            splitters = [ThinkSplitter() for _ in range(n)]
-            tokens = 0
-            try:
-                yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                 "logprobs": None, "finish_reason": None} for i in range(n)],
-                            **({"usage": None} if p.include_usage else {})})
-                try:
-                    async for _, i, ev in run.events():
-                        choice = {"index": i, "delta": {}, "logprobs": None, "finish_reason": None}
-                        if isinstance(ev, Text):
-                            reasoning, content = splitters[i].push(ev.text)
-                        elif isinstance(ev, Finish):
-                            reasoning, content = splitters[i].flush()
-                            tokens += ev.completion_tokens
-                        else:
-                            continue
-                        if reasoning:
-                            choice["delta"]["reasoning_content"] = reasoning
-                        if content:
-                            choice["delta"]["content"] = content
-                        if p.logprobs is not None and getattr(ev, "tokens", None):
-                            choice["logprobs"] = {"content": chat_logprobs(server, ev.tokens)}
-                        if choice["delta"] or choice["logprobs"]:
-                            yield sse({**head, "choices": [choice], **({"usage": None} if p.include_usage else {})})
-                        if isinstance(ev, Finish):
-                            yield sse({**head, "choices": [{"index": i, "delta": {}, "logprobs": None,
-                                                             "finish_reason": ev.reason}],
-                                        **({"usage": None} if p.include_usage else {})})
-                except APIError as e:
-                    yield sse(e.body())
-                    return
-                if p.include_usage:
-                    yield sse({**head, "choices": [], "usage": run.usage(tokens)})
-                yield b"data: [DONE]\n\n"
-            finally:
-                run.cancel()
+        extra = {"usage": None} if p.include_usage else {}
 
-        return _streaming(stream())
+        async def chunks():
+            splitters = [ThinkSplitter() for _ in range(n)]
+            yield {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                        "logprobs": None, "finish_reason": None} for i in range(n)], **extra}
+            async for _, i, ev in run.events():
+                choice = {"index": i, "delta": {}, "logprobs": None, "finish_reason": None}
+                if isinstance(ev, Text):
+                    reasoning, content = splitters[i].push(ev.text)
+                elif isinstance(ev, Finish):
+                    reasoning, content = splitters[i].flush()
+                else:
+                    continue
+                if reasoning:
+                    choice["delta"]["reasoning_content"] = reasoning
+                if content:
+                    choice["delta"]["content"] = content
+                if p.logprobs is not None and getattr(ev, "tokens", None):
+                    choice["logprobs"] = {"content": chat_logprobs(server, ev.tokens)}
+                if choice["delta"] or choice["logprobs"]:
+                    yield {**head, "choices": [choice], **extra}
+                if isinstance(ev, Finish):
+                    yield {**head, "choices": [{"index": i, "delta": {}, "logprobs": None, "finish_reason": ev.reason}],
+                           **extra}
+
+        return _streaming(run, head, p.include_usage, chunks())
 
     async def collect():
-        texts, reasons, lps, tokens = [""] * n, [None] * n, [[] for _ in range(n)], 0
+        texts, reasons, lps = [""] * n, [None] * n, [[] for _ in range(n)]
         async for _, i, ev in run.events():
             if isinstance(ev, Text):
                 texts[i] += ev.text
@@ -188,7 +178,6 @@ async def chat_completions(server: Server, request):
                     lps[i] += chat_logprobs(server, ev.tokens)
             elif isinstance(ev, Finish):
                 reasons[i] = ev.reason
-                tokens += ev.completion_tokens
         choices = []
         for i in range(n):
             reasoning, content = split_thinking(texts[i])  # (None, text) when there is no thinking
@@ -199,7 +188,7 @@ async def chat_completions(server: Server, request):
                             "logprobs": {"content": lps[i]} if p.logprobs is not None else None,
                             "finish_reason": reasons[i]})
         return {"id": rid, "object": "chat.completion", "created": created, "model": server.name,
-                "choices": choices, "usage": run.usage(tokens)}
+                "choices": choices, "usage": run.usage()}
 
     return await _answer(request, run, collect())
 
@@ -223,51 +212,39 @@ async def completions(server: Server, request):
         return lp
 
     if p.stream:
-        async def stream():
-            lps = [None] * total
-            tokens = 0
-            extra = {"usage": None} if p.include_usage else {}
-            try:
-                if p.echo and p.logprobs is None:
-                    for k, prep in enumerate(prepared):
-                        for j in range(p.n):
-                            yield sse({**head, "choices": [{"index": k * p.n + j, "text": prep.echo_text,
-                                                             "logprobs": None, "finish_reason": None}], **extra})
-                try:
-                    async for k, i, ev in run.events():
-                        choice = {"index": i, "text": "", "logprobs": None, "finish_reason": None}
-                        if isinstance(ev, PromptLogprobs):  # the prompt's logprobs (echo)
-                            for j in range(p.n):
-                                lp = echo_lp(k, ev)
-                                lps[k * p.n + j] = lp
-                                yield sse({**head, "choices": [{"index": k * p.n + j, "text": prepared[k].echo_text,
-                                                                 "logprobs": lp.view(), "finish_reason": None}],
-                                            **extra})
-                            continue
-                        if isinstance(ev, Text):
-                            choice["text"] = ev.text
-                            if p.logprobs is not None:
-                                if lps[i] is None:
-                                    lps[i] = CompletionLogprobs(server)
-                                choice["logprobs"] = lps[i].add(ev.tokens)
-                        elif isinstance(ev, Finish):
-                            choice["finish_reason"] = ev.reason
-                            tokens += ev.completion_tokens
-                        yield sse({**head, "choices": [choice], **extra})
-                except APIError as e:
-                    yield sse(e.body())
-                    return
-                if p.include_usage:
-                    yield sse({**head, "choices": [], "usage": run.usage(tokens)})
-                yield b"data: [DONE]\n\n"
-            finally:
-                run.cancel()
+        extra = {"usage": None} if p.include_usage else {}
 
-        return _streaming(stream())
+        async def chunks():
+            lps = [None] * total
+            if p.echo and p.logprobs is None:
+                for k, prep in enumerate(prepared):
+                    for j in range(p.n):
+                        yield {**head, "choices": [{"index": k * p.n + j, "text": prep.echo_text,
+                                                    "logprobs": None, "finish_reason": None}], **extra}
+            async for k, i, ev in run.events():
+                choice = {"index": i, "text": "", "logprobs": None, "finish_reason": None}
+                if isinstance(ev, PromptLogprobs):  # the prompt's logprobs (echo)
+                    for j in range(p.n):
+                        lp = echo_lp(k, ev)
+                        lps[k * p.n + j] = lp
+                        yield {**head, "choices": [{"index": k * p.n + j, "text": prepared[k].echo_text,
+                                                    "logprobs": lp.view(), "finish_reason": None}], **extra}
+                    continue
+                if isinstance(ev, Text):
+                    choice["text"] = ev.text
+                    if p.logprobs is not None:
+                        if lps[i] is None:
+                            lps[i] = CompletionLogprobs(server)
+                        choice["logprobs"] = lps[i].add(ev.tokens)
+                elif isinstance(ev, Finish):
+                    choice["finish_reason"] = ev.reason
+                yield {**head, "choices": [choice], **extra}
+
+        return _streaming(run, head, p.include_usage, chunks())
 
     async def collect():
         texts = [prepared[i // p.n].echo_text if p.echo else "" for i in range(total)]
-        reasons, tokens = [None] * total, 0
+        reasons = [None] * total
         lps: list[CompletionLogprobs | None] = [None] * total
         async for k, i, ev in run.events():
             if isinstance(ev, PromptLogprobs):
@@ -281,19 +258,35 @@ async def completions(server: Server, request):
                     lps[i].add(ev.tokens)
             elif isinstance(ev, Finish):
                 reasons[i] = ev.reason
-                tokens += ev.completion_tokens
         choices = [{"index": i, "text": texts[i],
                     "logprobs": (lps[i] or CompletionLogprobs(server)).view() if p.logprobs is not None else None,
                     "finish_reason": reasons[i]} for i in range(total)]
-        return {**head, "choices": choices, "usage": run.usage(tokens)}
+        return {**head, "choices": choices, "usage": run.usage()}
 
     return await _answer(request, run, collect())
 
 
-def _streaming(body):
+def _streaming(run: _Run, head: dict, include_usage: bool, chunks):
+    """The answer as server-sent events: each chunk `chunks` yields, the usage chunk when asked for, then
+    [DONE]; a failure ends the stream with OpenAI's error body, and however the stream ends (a client
+    that goes away included) the run's jobs are cancelled."""
     from starlette.responses import StreamingResponse
 
-    return StreamingResponse(body, media_type="text/event-stream",
+    async def body():
+        try:
+            try:
+                async for chunk in chunks:
+                    yield sse(chunk)
+            except APIError as e:
+                yield sse(e.body())
+                return
+            if include_usage:
+                yield sse({**head, "choices": [], "usage": run.usage()})
+            yield b"data: [DONE]\n\n"
+        finally:
+            run.cancel()
+
+    return StreamingResponse(body(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
