@@ -62,20 +62,27 @@ fsync_dir = _fsync_dir
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | os.PathLike, mode: str = "wb", encoding: str | None = None):
-    """Open a temporary file next to `path`; on success fsync it and rename it over `path`."""
+def atomic_path(path: str | os.PathLike):
+    """A temporary path next to `path` for a writer that wants a file name; when the block ends without
+    an error the file is fsynced and renamed over `path`, otherwise it is removed."""
     path = Path(path)
     tmp = temp_name(path)
     try:
-        with open(tmp, mode, encoding=encoding) as f:
-            yield f
-            f.flush()
+        yield tmp
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "wb", encoding: str | None = None):
+    """Open a temporary file next to `path`; on success fsync it and rename it over `path`."""
+    with atomic_path(path) as tmp, open(tmp, mode, encoding=encoding) as f:
+        yield f
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -102,18 +109,9 @@ def save_tensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str
     """A dict of tensors as safetensors, written atomically."""
     from safetensors.torch import save_file
 
-    path = Path(path)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    tmp = temp_name(path)
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt", **(metadata or {})})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
 
 
 def read_tensors(path: str | os.PathLike, missing: str, corrupt: str = "the file is corrupt") -> dict:

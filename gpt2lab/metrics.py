@@ -10,6 +10,8 @@ import os
 import sys
 from pathlib import Path
 
+from gpt2lab import io
+
 # peak dense bf16 tensor-core FLOP/s, for MFU; matched against torch.cuda.get_device_name()
 PEAK_BF16_FLOPS = {
     "H200": 989e12,
@@ -76,9 +78,7 @@ class MetricsLogger:
                     kept.append(line)
             except json.JSONDecodeError:
                 continue  # a line cut short by a kill
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        io.write_text(self.path, "".join(k + "\n" for k in kept))
 
     def log(self, record: dict) -> None:
         self._file.write(json.dumps(record) + "\n")
