@@ -14,15 +14,24 @@ RL_TASK := --task countdown --difficulty 2
 
 .PHONY: install demo rl-demo test lint bench clean
 
-$(BIN)/.installed: pyproject.toml
+# the demo installs what it runs (gpt2lab, and matplotlib and tensorboard for its curves); the tests add their
+# extras (pytest, ruff, transformers, the server, a browser driver)
+$(BIN)/.venv:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $@
+
+$(BIN)/.installed-demo: pyproject.toml $(BIN)/.venv
+	$(BIN)/python -m pip install -q -e ".[plot,tensorboard]"
+	touch $@
+
+$(BIN)/.installed: pyproject.toml $(BIN)/.venv
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@ $(BIN)/.installed-demo
 
 install: $(BIN)/.installed
 
-demo: install
+demo: $(BIN)/.installed-demo
 	rm -rf $(DEMO)/run
 	$(BIN)/gpt2lab tokenizer train --input $(CORPUS) --vocab-size 4096 --out $(DEMO)/tokenizer --overwrite
 	$(BIN)/gpt2lab prepare --input $(CORPUS) --doc-separator '\n\n\n' --val-fraction 0.1 \
@@ -38,7 +47,7 @@ demo: install
 	@echo "  $(BIN)/gpt2lab pretrain --data $(DEMO)/data --out $(DEMO)/classic --config configs/gpt2-classic.toml  # as GPT-2"
 	@echo "  look at $(DEMO)/run/curves.png, or run: tensorboard --logdir $(DEMO)/run/tensorboard"
 
-rl-demo: install
+rl-demo: $(BIN)/.installed-demo
 	rm -rf $(RL)
 	# task data: countdown problems with worked steps in a <think> section; 200 held-out prompts never trained on
 	$(BIN)/gpt2lab finetune instructions $(RL_TASK) --think --synthetic 20000 --heldout 200 --out $(RL)/data

@@ -32,7 +32,7 @@ def hf_twin(model):
     """transformers' GPT2LMHeadModel (sdpa attention, no dropout) holding `model`'s weights."""
     import transformers
 
-    from gpt2lab.hf import gpt2lab_to_hf
+    from gpt2lab.export.hf import gpt2lab_to_hf
 
     c = model.config
     cfg = transformers.GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd,

@@ -34,7 +34,7 @@ from common import bundled_data, cpu_name, gpt2lab, load_line, run_command, run_
 def rows_with_several_documents(data: Path, seq_len: int) -> tuple[float, float]:
     """(share of the training rows (windows at 0, T, 2T, ...) that hold more than one document, mean documents
     per row): a document starts at each <|endoftext|> and at a row's first token."""
-    from gpt2lab.data import load_tokens, read_meta
+    from gpt2lab.data.shards import load_tokens, read_meta
 
     eot = read_meta(data)["eot_id"]
     tokens = np.asarray(load_tokens(data, "train"))

@@ -3,7 +3,7 @@
 Both score the same examples with the same (random, seeded) weights of the chosen size, the way
 lm-evaluation-harness does: the summed log-probability of each ending's tokens after the context.
 
-  gpt2lab             `gpt2lab.evaluate.eval_multiple_choice`: an example's context and its four endings
+  gpt2lab             `gpt2lab.evals.benchmarks.eval_multiple_choice`: an example's context and its four endings
                       packed in one sequence (block mask), the LM head only where a token is scored
   gpt2lab unpacked    (--ablation) the same code with every ending in a sequence of its own
   transformers        GPT2LMHeadModel (sdpa attention): each (context + ending) a row, right-padded with
@@ -30,9 +30,13 @@ from pathlib import Path
 
 import torch
 
-from gpt2lab import evaluate as ev
-from gpt2lab.model import GPT, GPTConfig
+from gpt2lab.evals import benchmarks as ev
+from gpt2lab.evals import scoring
+from gpt2lab.evals.data import load_hellaswag
+from gpt2lab.model.config import GPTConfig
+from gpt2lab.model.gpt import GPT
 from gpt2lab.tokenizer import get_tokenizer
+from gpt2lab.train.plan import count_params
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import cpu_name, hf_twin  # noqa: E402
@@ -46,11 +50,11 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
-def requests_for(tok, examples) -> list[ev.Request]:
+def requests_for(tok, examples) -> list[scoring.Request]:
     out = []
     for ex in examples:
-        pairs = [ev.encode_pair(tok, ex.context, " " + c) for c in ex.choices]
-        out.append(ev.Request(pairs[0][0], [cont for _, cont in pairs]))
+        pairs = [scoring.encode_pair(tok, ex.context, " " + c) for c in ex.choices]
+        out.append(scoring.Request(pairs[0][0], [cont for _, cont in pairs]))
     return out
 
 
@@ -61,8 +65,8 @@ def run_gpt2lab(model, tok, examples, batch_size) -> list[list[float]]:
 
 def run_unpacked(model, tok, examples, batch_size) -> list[list[float]]:
     reqs = requests_for(tok, examples)
-    single = [ev.Request(r.context, [c]) for r in reqs for c in r.continuations]
-    scores = ev.score_requests(model, single, batch_size=4 * batch_size)
+    single = [scoring.Request(r.context, [c]) for r in reqs for c in r.continuations]
+    scores = scoring.score_requests(model, single, batch_size=4 * batch_size)
     flat = iter(s[0].logprob for s in scores)
     return [[next(flat) for _ in r.continuations] for r in reqs]
 
@@ -120,7 +124,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_preset(args.model)).eval()
     tok = get_tokenizer("gpt2")
-    examples = ev.load_hellaswag(args.data, args.n)
+    examples = load_hellaswag(args.data, args.n)
     impls = {"gpt2lab": lambda exs, b: run_gpt2lab(model, tok, exs, b)}
     if args.ablation:
         impls["gpt2lab unpacked"] = lambda exs, b: run_unpacked(model, tok, exs, b)
@@ -128,7 +132,7 @@ def main() -> None:
         hf = hf_twin(model)
         impls["transformers"] = lambda exs, b: run_hf(hf, tok, exs, b)
 
-    print(f"HellaSwag, {args.model} ({model.num_params() / 1e6:.0f}M params, random weights), "
+    print(f"HellaSwag, {args.model} ({count_params(model) / 1e6:.0f}M params, random weights), "
           f"{len(examples)} examples, CPU: {machine()}")
     print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
     header = f"{'implementation':<18} {'batch':>5} {'seconds':>9} {'examples/s':>11} {'full 10,042':>12}"

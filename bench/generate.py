@@ -31,7 +31,8 @@ import time
 import torch
 
 from gpt2lab.generate import generate, generate_batch
-from gpt2lab.model import GPT, GPTConfig
+from gpt2lab.model.config import GPTConfig
+from gpt2lab.model.gpt import GPT
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import cpu_features, cpu_name, hf_twin  # noqa: E402

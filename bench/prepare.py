@@ -28,7 +28,7 @@ import tiktoken
 import tiktoken.load
 
 from gpt2lab import sources
-from gpt2lab.prepare import prepare
+from gpt2lab.data.prepare import prepare
 from gpt2lab.tokenizer import EOT, GPT2_PATTERN, get_tokenizer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

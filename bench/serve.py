@@ -57,7 +57,8 @@ def make_run(out: Path, preset: str, seed: int = 0) -> Path:
     import torch
 
     from gpt2lab.checkpoint import save_weights, write_run_config
-    from gpt2lab.model import GPT, GPTConfig
+    from gpt2lab.model.config import GPTConfig
+    from gpt2lab.model.gpt import GPT
     from gpt2lab.tokenizer import get_tokenizer
 
     tok = get_tokenizer("gpt2")

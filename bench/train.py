@@ -21,8 +21,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from gpt2lab.metrics import peak_flops
-from gpt2lab.model import GPT, GPTConfig
+from gpt2lab.device import peak_flops
+from gpt2lab.model.config import GPTConfig
+from gpt2lab.model.gpt import GPT
+from gpt2lab.train.plan import flops_per_token
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import cpu_name  # noqa: E402
@@ -50,7 +52,7 @@ def hf_model(cfg: GPTConfig):
         return transformers.GPT2LMHeadModel(hf_cfg)
 
 
-def time_training(name, model, batches, args, device, dtype, flops_per_token) -> dict:
+def time_training(name, model, batches, args, device, dtype, flops) -> dict:
     model.to(device).train()
     fused = device.type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=fused)
@@ -86,7 +88,7 @@ def time_training(name, model, batches, args, device, dtype, flops_per_token) ->
     row = {"impl": name, "step_ms": dt * 1000, "tokens_per_sec": tokens / dt}
     peak = peak_flops(device)
     if peak:
-        row["mfu"] = flops_per_token * tokens / dt / peak
+        row["mfu"] = flops * tokens / dt / peak
     model.to("cpu")
     return row
 
@@ -120,7 +122,7 @@ def main() -> None:
         batches.append((ids[:, :-1].to(device), ids[:, 1:].to(device)))
 
     ours = GPT(cfg)
-    flops = ours.flops_per_token(args.seq_len)
+    flops = flops_per_token(ours, args.seq_len)
     rows = [time_training("gpt2lab", ours, batches, args, device, dtype, flops)]
     del ours
     if not args.skip_hf:

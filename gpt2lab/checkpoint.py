@@ -20,25 +20,32 @@ classifier as a `GPTClassifier`. Every command that takes a run dir goes through
 The format is versioned. Version 1 (the first gpt2lab) had no "kind"; `migrate` brings an old
 config up to date when it is read, so every run dir ever written still loads.
 
-Everything is written atomically (gpt2lab.io), so an interrupted command leaves the previous good
-state. Weights are safetensors; the one torch.save file holds only tensors and plain containers
-and is read with `weights_only=True`: a checkpoint from a stranger cannot run code.
+Every weights file gpt2lab reads or writes goes through here (the run's, a checkpoint's, LoRA
+adapters, exports): safetensors, written atomically (gpt2lab.io), so an interrupted command leaves
+the previous good state. The training checkpoints under checkpoints/ are gpt2lab.train.checkpoints';
+their one torch.save file holds only tensors and plain containers and is read with
+`weights_only=True`: a checkpoint from a stranger cannot run code.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import re
 import shutil
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 
 from gpt2lab import io
 from gpt2lab.errors import UserError
-from gpt2lab.model import GPT, GPTClassifier, GPTConfig, unique_state_dict
+from gpt2lab.model import lora
+from gpt2lab.model.config import GPTConfig
+from gpt2lab.model.gpt import GPT, GPTClassifier
+from gpt2lab.templates import FORMATS
+from gpt2lab.tokenizer import load_tokenizer_file
 
 RUN_FORMAT = "gpt2lab-run"
 RUN_VERSION = 2
@@ -46,12 +53,44 @@ CONFIG_FILE = io.RUN_CONFIG
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 LORA_FILE = "lora.safetensors"
-CHECKPOINTS = "checkpoints"
 KINDS = ("lm", "classifier")
-_STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 # ----------------------------------------------------------------------------- weights
+
+
+def save_tensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """A dict of tensors as safetensors, written atomically (temporary name, fsync, rename)."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with io.atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", **(metadata or {})})
+
+
+def read_tensors(path: str | os.PathLike, missing: str, corrupt: str = "the file is corrupt") -> dict:
+    """A safetensors file; a missing or unreadable one is a UserError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; {missing}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path} cannot be read as safetensors ({str(e).splitlines()[0]}); {corrupt}") from None
+
+
+def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with every tensor once: a tied weight (the LM head is the token embedding) is
+    stored under the name it was first registered with. What a weights file holds."""
+    out, seen = {}, set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        out[name] = t.detach()
+    return out
+
+
+def _is_adapter(name: str) -> bool:
+    return name.endswith((".lora_A", ".lora_B"))
 
 
 def save_weights(model: torch.nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None,
@@ -60,14 +99,12 @@ def save_weights(model: torch.nn.Module, path: str | os.PathLike, metadata: dict
     `exclude_lora`: leave out LoRA adapters (a LoRA run's model.safetensors holds the base only)."""
     state = unique_state_dict(model)
     if exclude_lora:
-        state = {k: v for k, v in state.items() if not k.endswith((".lora_A", ".lora_B"))}
-    io.save_tensors(state, path, metadata)
+        state = {k: v for k, v in state.items() if not _is_adapter(k)}
+    save_tensors(state, path, metadata)
 
 
 def file_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     """The tensor names and shapes of a safetensors file, from its header alone (nothing is loaded)."""
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path} does not exist; the run or checkpoint is incomplete (did training finish?)")
@@ -97,14 +134,39 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike, config_name: s
     path = Path(path)
     shapes = file_shapes(path)
     expected = {k: tuple(v.shape) for k, v in unique_state_dict(model).items()
-                if not k.endswith((".lora_A", ".lora_B")) or k in shapes}
+                if not _is_adapter(k) or k in shapes}
     check_shapes(expected, shapes, path, config_name)
-    state = io.read_tensors(path, "the run or checkpoint is incomplete (did training finish?)",
-                            "the file is corrupt, use another checkpoint")
+    state = read_tensors(path, "the run or checkpoint is incomplete (did training finish?)",
+                         "the file is corrupt, use another checkpoint")
     with torch.no_grad():
         for k, t in unique_state_dict(model).items():
             if k in state:
                 t.copy_(state[k])
+
+
+def save_lora(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Write the LoRA adapters (only) to `path`; their settings go into the file's metadata too."""
+    tensors = lora.lora_state_dict(model)
+    if not tensors:
+        raise ValueError("the model has no LoRA adapters to save; call apply_lora first")
+    settings = getattr(model, "lora_settings", None)
+    save_tensors(tensors, path, {"lora": json.dumps(settings)} if settings else None)
+
+
+def load_lora(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Load adapters saved by `save_lora` into a model that `apply_lora` prepared the same way."""
+    path = Path(path)
+    state = read_tensors(path, f"a LoRA run dir holds its adapters in {path.name}")
+    expected = lora.lora_state_dict(model)
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise UserError(f"{path} does not fit the model's adapters (missing {missing[:3]}, unexpected "
+                        f"{unexpected[:3]}); the rank or targets in config.json differ from the file's")
+    for k, v in expected.items():
+        if state[k].shape != v.shape:
+            raise UserError(f"{path}: adapter {k} has shape {tuple(state[k].shape)}, the model expects "
+                            f"{tuple(v.shape)}; the rank in config.json differs from the file's")
+    model.load_state_dict(state, strict=False)
 
 
 # --------------------------------------------------------------------------- run configs
@@ -152,9 +214,16 @@ class RunInfo:
     labels: list[str] | None  # a classifier's classes
     head: dict | None  # a classifier's head settings
 
+    flag: str | None = None  # the argument that named the run, for messages
+
     @property
     def tokenizer_sha256(self) -> str:
         return self.config["tokenizer"]["sha256"]
+
+    def load(self, device: str | torch.device = "cpu", **kw):
+        """(model, tokenizer) of this run, as `load_run` loads them (its keyword arguments), without reading
+        config.json again."""
+        return _load(self, device, **kw)
 
 
 def _bad(run_dir: Path, what: str) -> UserError:
@@ -202,8 +271,6 @@ def open_run(run_dir: str | os.PathLike, flag: str | None = None) -> RunInfo:
         raise _bad(run_dir, "has no tokenizer identity (\"tokenizer\": {\"sha256\": ...})")
     template = cfg.get("template")
     if template is not None:
-        from gpt2lab.templates import FORMATS
-
         if not isinstance(template, str) or template not in FORMATS:
             raise _bad(run_dir, f"names an unknown chat format {template!r} (known: {', '.join(FORMATS)})")
     lora = _check_lora(cfg.get("lora"), run_dir) if cfg.get("lora") else None
@@ -213,7 +280,7 @@ def open_run(run_dir: str | os.PathLike, flag: str | None = None) -> RunInfo:
         if (not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) for x in labels)
                 or not isinstance(head, dict) or head.get("num_classes") != len(labels)):
             raise _bad(run_dir, "is a classifier config without valid \"labels\" and \"head\" entries")
-    return RunInfo(run_dir, cfg, model_config, kind, template, lora, labels, head)
+    return RunInfo(run_dir, cfg, model_config, kind, template, lora, labels, head, flag)
 
 
 def _check_lora(settings, run_dir: Path) -> dict:
@@ -232,8 +299,6 @@ def _check_lora(settings, run_dir: Path) -> dict:
 
 def load_tokenizer(info: RunInfo, fast: bool = True):
     """The run's tokenizer, checked to be the one config.json names and to fit the model."""
-    from gpt2lab.tokenizer import load_tokenizer_file
-
     path = info.path / TOKENIZER_FILE
     tok = load_tokenizer_file(path, fast=fast)
     if tok.fingerprint != info.tokenizer_sha256:
@@ -263,7 +328,14 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", *, 
     holds the adapters itself). `kind` ("lm" or "classifier") refuses the other kind with a message
     naming the command that takes it. The model is returned in eval mode.
     """
-    info = open_run(run_dir, flag)
+    return open_run(run_dir, flag).load(device, merge_lora=merge_lora, weights=weights,
+                                        fast_tokenizer=fast_tokenizer, kind=kind)
+
+
+def _load(info: RunInfo, device: str | torch.device = "cpu", *, merge_lora: bool = True,
+          weights: str | os.PathLike | None = None, fast_tokenizer: bool = True, kind: str | None = None):
+    """`RunInfo.load`: the run's (model, tokenizer)."""
+    run_dir, flag = info.path, info.flag
     where = f"{flag} {run_dir}" if flag else str(run_dir)
     if kind == "lm" and info.kind == "classifier":
         raise UserError(f"{where} is a classifier, not a language model; use it with `gpt2lab classify`, or "
@@ -281,8 +353,6 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", *, 
     check_shapes(shapes, found, path)
     model = build_model(info)
     if info.lora is not None:
-        from gpt2lab.finetune import lora
-
         lora.apply_lora(model, info.lora["rank"], info.lora["alpha"], info.lora["dropout"],
                         info.lora["targets"], freeze=False)
     if weights is not None:
@@ -290,97 +360,13 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", *, 
     else:
         load_weights(model, info.path / WEIGHTS_FILE)
         if info.lora is not None:
-            from gpt2lab.finetune import lora
-
-            lora.load_lora(model, info.path / LORA_FILE)
+            load_lora(model, info.path / LORA_FILE)
     if info.lora is not None:
-        from gpt2lab.finetune import lora
-
         if merge_lora:
             lora.merge_lora(model)
         else:
             lora.freeze_all_but_adapters(model)
     return model.to(device).eval(), tokenizer
-
-
-# -------------------------------------------------------------------------- checkpoints
-
-
-def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
-    return Path(run_dir) / CHECKPOINTS / f"step_{step:06d}"
-
-
-def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary directories are not checkpoints)."""
-    root = Path(run_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()
-             and (p / "state.json").is_file()]
-    return [p for _, p in sorted(found)]
-
-
-SHARDED = "sharded"  # a checkpoint's directory of FSDP shards (torch.distributed.checkpoint)
-
-
-def sharded_staging(run_dir: str | os.PathLike, step: int) -> Path:
-    """Where the processes of an FSDP run write a checkpoint's shards before rank 0 completes it."""
-    final = checkpoint_path(run_dir, step)
-    return final.with_name(f".{final.name}.tmp-sharded")
-
-
-def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Module | None, trainer_state: dict,
-                    state: dict, keep: int, staged: Path | None = None) -> Path:
-    """Write checkpoints/step_N as a whole (temporary dir + rename), then keep the newest `keep`.
-
-    `staged`: a temporary directory that already holds the shards every process wrote (FSDP); `model` is
-    then None and the weights are those shards."""
-    final = checkpoint_path(run_dir, step)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with io.staging(final) as tmp:
-        if staged is not None:
-            tmp = staged
-        else:
-            save_weights(model, tmp / WEIGHTS_FILE)
-        with io.atomic_file(tmp / "trainer.pt", "wb") as f:
-            torch.save(trainer_state, f)
-        io.write_json(tmp / "state.json", state)
-        if final.exists():  # a re-run of the same step after a resume
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    io.fsync_dir(final.parent)
-    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def clean_partial_checkpoints(run_dir: str | os.PathLike) -> None:
-    """Remove what interrupted writes left behind (never a complete checkpoint). Called by rank 0 before the
-    run's processes write anything."""
-    io.remove_stale_temps(Path(run_dir) / CHECKPOINTS)
-    io.remove_stale_temps(run_dir)
-    root = Path(run_dir) / CHECKPOINTS
-    if root.is_dir():
-        for p in root.glob(".step_*.tmp-sharded"):
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def load_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:
-    """(trainer_state, state) of a checkpoint dir; the weights are loaded by `load_weights`."""
-    path = Path(path)
-    fix = "delete it to resume from an earlier one"
-    state = io.read_json_object(path / "state.json", "checkpoint state", fix)
-    trainer_file = path / "trainer.pt"
-    if not trainer_file.is_file():
-        raise UserError(f"{trainer_file} does not exist; the checkpoint is incomplete, {fix}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            trainer_state = torch.load(trainer_file, map_location="cpu", weights_only=True)
-    except Exception:  # torch raises many types for a damaged or hostile file
-        raise UserError(f"{trainer_file} cannot be loaded as tensors only: it is damaged or holds other objects; "
-                        f"{fix}") from None
-    return trainer_state, state
 
 
 def write_merged_run(run_dir: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -408,7 +394,7 @@ def write_merged_run(run_dir: str | os.PathLike, out: str | os.PathLike, overwri
     return out
 
 
-__all__ = ["CHECKPOINTS", "CONFIG_FILE", "LORA_FILE", "RUN_VERSION", "RunInfo", "TOKENIZER_FILE", "WEIGHTS_FILE",
-           "build_model", "checkpoint_path", "clean_partial_checkpoints", "list_checkpoints", "load_checkpoint",
-           "load_run", "load_tokenizer", "load_weights", "migrate", "open_run", "read_run_config",
-           "save_checkpoint", "save_weights", "write_merged_run", "write_run_config"]
+__all__ = ["CONFIG_FILE", "LORA_FILE", "RUN_VERSION", "RunInfo", "TOKENIZER_FILE", "WEIGHTS_FILE", "build_model",
+           "load_lora", "load_run", "load_tokenizer", "load_weights", "migrate", "open_run", "read_run_config",
+           "read_tensors", "save_lora", "save_tensors", "save_weights", "unique_state_dict", "write_merged_run",
+           "write_run_config"]

@@ -10,36 +10,9 @@ import os
 import sys
 from pathlib import Path
 
+from tqdm import tqdm
+
 from gpt2lab import io
-
-# peak dense bf16 tensor-core FLOP/s, for MFU; matched against torch.cuda.get_device_name()
-PEAK_BF16_FLOPS = {
-    "H200": 989e12,
-    "H100 PCIe": 756e12,
-    "H100": 989e12,  # SXM
-    "GH200": 989e12,
-    "A100": 312e12,
-    "L40S": 362e12,
-    "L4": 121e12,
-    "A10G": 70e12,
-    "A10": 125e12,
-    "RTX 4090": 165e12,
-    "RTX 3090": 71e12,
-    "V100": 125e12,  # fp16; V100 has no bf16
-}
-
-
-def peak_flops(device) -> float | None:
-    """The GPU's peak bf16 FLOP/s from the table, or None (CPU, unknown GPU)."""
-    import torch
-
-    if getattr(device, "type", str(device)) != "cuda" or not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, flops in PEAK_BF16_FLOPS.items():  # longer, more specific keys come first
-        if key in name:
-            return flops
-    return None
 
 
 def format_seconds(seconds: float) -> str:
@@ -106,7 +79,5 @@ def console(line: str) -> None:
 def progress(iterable=None, *, disable: bool = False, **kw):
     """A tqdm progress bar on stderr, shown only when stderr is a terminal: in a log, "\\r" redraws
     would run into the next line (an `error:` line included)."""
-    from tqdm import tqdm
-
     kw.setdefault("file", sys.stderr)
     return tqdm(iterable, disable=disable or not sys.stderr.isatty(), **kw)

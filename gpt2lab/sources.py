@@ -18,9 +18,11 @@ import glob
 import gzip
 import json
 import os
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 import regex
 
@@ -295,9 +297,6 @@ def iter_hf_pieces(
 def _check_hub_reachable(dataset: str) -> None:
     """Fail at once, in one line, when the Hugging Face hub cannot be reached (instead of the dataset
     library's minute of retries)."""
-    import socket
-    from urllib.parse import urlparse
-
     if os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE"):
         return  # the library answers from its cache, or says it is offline
     endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))

@@ -24,7 +24,7 @@ through the server's chat API, a plain transcript ("User: ...\nAssistant:") that
 Thinking. An answer may begin with a thinking section, `<think>worked steps</think>`, then the
 answer itself (plain text markers: GPT-2's vocabulary has no spare special tokens, and text works
 with any tokenizer). SFT trains it like the rest of the answer; rewards, `chat --think hide` and the
-server's `reasoning_content` read it apart with `split_thinking`.
+server's `reasoning_content` read it apart with gpt2lab.text's `ThinkSplitter`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from gpt2lab.errors import UserError
 
 EOT_TEXT = "<|endoftext|>"  # how render_messages shows the end-of-answer token
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"  # a thinking section, plain text, at the start of an answer
 ROLES = ("system", "user", "assistant")
 
 _ALPACA_HEAD = ("Below is an instruction that describes a task{extra}. "
@@ -172,21 +171,3 @@ def record_messages(record: dict) -> list[dict]:
     if "output" in record:
         messages.append({"role": "assistant", "content": record["output"]})
     return messages
-
-
-def split_thinking(text: str) -> tuple[str | None, str]:
-    """(thinking, answer) of an answer that may begin with <think> ... </think>; an unfinished thinking
-    section is all thinking and no answer."""
-    stripped = text.lstrip()
-    if not stripped.startswith(THINK_OPEN):
-        return None, text
-    body = stripped[len(THINK_OPEN):]
-    inner, sep, rest = body.partition(THINK_CLOSE)
-    if not sep:
-        return inner.strip(), ""
-    return inner.strip(), rest.lstrip()
-
-
-def with_thinking(thinking: str | None, answer: str) -> str:
-    """An assistant answer with its thinking section first."""
-    return f"{THINK_OPEN}{thinking}{THINK_CLOSE}{answer}" if thinking else answer

@@ -5,6 +5,36 @@ import pytest
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread(request):
+    """Tiny models gain nothing from more threads, and on a busy 2-core machine threads that wait for each
+    other make every small op slow: every test module runs torch on one thread (modules that never import
+    torch are left alone)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def pretrain_argv(data, out, settings: dict) -> list[str]:
+    """`gpt2lab pretrain` arguments: --data, --out and one flag per setting (True: --flag, False: --no-flag,
+    None: left out)."""
+    argv = ["pretrain", "--data", str(data), "--out", str(out)]
+    for key, value in settings.items():
+        flag = key.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(f"--{flag}" if value else f"--no-{flag}")
+        elif value is not None:
+            argv += [f"--{flag}", str(value)]
+    return argv
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The developers' shared data folder (../shared/data from the repo root); skip if absent."""
@@ -33,7 +63,7 @@ def tiny_corpus(tmp_path_factory) -> Path:
 
 
 def _tiny_data_dir(tmp_path_factory, corpus: Path, vocab_size: int, name: str) -> Path:
-    from gpt2lab.prepare import prepare
+    from gpt2lab.data.prepare import prepare
     from gpt2lab.tokenizer.train import train_bpe_from_texts
 
     tok = train_bpe_from_texts([corpus.read_text(encoding="utf-8")], vocab_size, name=name)
@@ -63,7 +93,7 @@ def tiny_data_other_tokenizer(tmp_path_factory, tiny_corpus) -> Path:
 _FORK_LAUNCHER = r"""
 import json, os, re, signal, socket, sys, time, traceback
 import torch
-import gpt2lab.checkpoint, gpt2lab.cli, gpt2lab.data, gpt2lab.generate, gpt2lab.pretrain  # noqa: F401
+import gpt2lab.checkpoint, gpt2lab.cli, gpt2lab.data.loader, gpt2lab.generate, gpt2lab.train.pretrain  # noqa: F401
 
 spec = json.load(open(sys.argv[1]))
 if spec["preload_dynamo"]:

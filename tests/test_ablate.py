@@ -3,21 +3,12 @@
 import json
 
 import pytest
-import torch
 
 from gpt2lab import cli
 
 SHARED = ["--model", "tiny", "--block-size", "32", "--batch-size", "8", "--max-steps", "12", "--lr", "3e-3",
           "--warmup-steps", "2", "--eval-every", "6", "--eval-batches", "2", "--log-every", "3",
           "--checkpoint-every", "6", "--no-tensorboard", "--device", "cpu", "--sample-tokens", "0"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def run(argv, capsys) -> tuple[int, str, str]:

@@ -7,12 +7,15 @@ import math
 import pytest
 import torch
 
-from gpt2lab.config import TrainConfig
 from gpt2lab.errors import UserError
-from gpt2lab.layers import MoE, Rotary, apply_rotary, yarn_frequencies
-from gpt2lab.model import GPT, MLP, GPTConfig, KVCache
-from gpt2lab.optim import CombinedOptimizer, make_optimizer, zeropower
-from gpt2lab.pretrain import pretrain
+from gpt2lab.model.cache import KVCache
+from gpt2lab.model.config import GPTConfig
+from gpt2lab.model.gpt import GPT, MLP
+from gpt2lab.model.options import MoE, Rotary, apply_rotary, collect_moe, yarn_frequencies
+from gpt2lab.train.config import TrainConfig
+from gpt2lab.train.optim import CombinedOptimizer, make_optimizer, zeropower
+from gpt2lab.train.plan import count_params, flops_per_token
+from gpt2lab.train.pretrain import pretrain
 
 OPTIONS = {
     "rope": dict(pos_embedding="rope"),
@@ -26,14 +29,6 @@ OPTIONS = {
     "mla": dict(attention="mla", pos_embedding="rope"),
     "muon": dict(optimizer="muon"),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("options", list(OPTIONS.values()), ids=list(OPTIONS))
@@ -74,7 +69,7 @@ def test_gqa_shares_each_key_value_head_among_its_group_of_query_heads():
     ids = torch.randint(0, 50, (2, 20))
     with torch.no_grad():
         torch.testing.assert_close(gqa(ids), mha(ids), atol=1e-5, rtol=0)
-    assert gqa.num_params() < mha.num_params()
+    assert count_params(gqa) < count_params(mha)
     # n_kv_head = n_head is plain multi-head attention
     assert model(n_kv_head=4).state_dict()["transformer.h.0.attn.c_attn.weight"].shape == (3 * 32, 32)
 
@@ -117,8 +112,9 @@ def test_moe_with_one_expert_is_the_dense_mlp():
     moe, dense = MoE(cfg, MLP), MLP(cfg)
     moe.experts[0].load_state_dict(dense.state_dict())
     x = torch.randn(3, 7, 32)
-    torch.testing.assert_close(moe(x), dense(x), atol=1e-6, rtol=0)
-    assert moe.aux_loss.item() == pytest.approx(1.0)  # one expert: perfectly balanced
+    with collect_moe() as stats:  # (a module is in training mode when built)
+        torch.testing.assert_close(moe(x), dense(x), atol=1e-6, rtol=0)
+    assert stats.aux_loss().item() == pytest.approx(1.0)  # one expert: perfectly balanced
 
 
 def test_moe_routes_each_token_to_its_best_experts_and_balances_with_a_bias():
@@ -139,9 +135,10 @@ def test_moe_routes_each_token_to_its_best_experts_and_balances_with_a_bias():
     torch.testing.assert_close(out.reshape(-1, 32), expected, atol=1e-5, rtol=0)
     moe.train()
     moe.route_bias.zero_()
-    moe(x)
-    load = moe.load
-    moe.after_step()
+    with collect_moe() as stats:
+        moe(x)
+    load = stats.loads[0]
+    moe.update_bias(load)
     assert torch.equal(moe.route_bias > 0, load < load.mean())  # the underused experts are favoured next time
 
 
@@ -165,8 +162,8 @@ def test_flops_count_the_experts_a_token_runs():
     moe = model(mlp="relu2", n_experts=4, experts_per_token=1)
     router = 2 * 4 * 32  # two layers' routers
     expert = sum(p.numel() for p in dense.transformer.h[0].mlp.parameters())
-    assert moe.num_params() - dense.num_params() == 2 * 3 * expert + router  # three more experts a layer
-    assert moe.flops_per_token(16) - dense.flops_per_token(16) == 6 * router
+    assert count_params(moe) - count_params(dense) == 2 * 3 * expert + router  # three more experts a layer
+    assert flops_per_token(moe, 16) - flops_per_token(dense, 16) == 6 * router
 
 
 def test_muon_step_equals_a_computation_by_hand():

@@ -19,26 +19,18 @@ import torch
 from safetensors.torch import load_file
 
 from gpt2lab import checkpoint as ckpt
+from gpt2lab.checkpoint import LORA_FILE
 from gpt2lab.cli import main as cli_main
-from gpt2lab.config import ClassifyConfig
 from gpt2lab.errors import UserError
 from gpt2lab.finetune.classify import classify_texts, finetune_classifier, load_classifier
-from gpt2lab.finetune.classify_data import collate, label_order, make_splits, read_examples, split_sizes
-from gpt2lab.finetune.lora import LORA_FILE
-from gpt2lab.model import GPT, GPTClassifier, GPTConfig
+from gpt2lab.finetune.classify_data import label_order, make_splits, pad_texts, read_examples, split_sizes
+from gpt2lab.finetune.config import ClassifyConfig
+from gpt2lab.model.config import GPTConfig
+from gpt2lab.model.gpt import GPT, GPTClassifier
 
 SPAM = "free prize win cash now claim urgent offer winner reward".split()
 HAM = "see you at lunch tomorrow mum dinner home later meeting call".split()
 FILLER = "the a and to of it is ok so".split()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls run fastest on one thread, and the machine is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def synthetic(n: int, seed: int) -> list[tuple[str, str]]:
@@ -189,7 +181,7 @@ def test_padding_does_not_change_the_prediction(setup, trained):
         assert alone["probs"][label] == pytest.approx(together["probs"][label], abs=1e-5)
     # the head reads the last real token, not the last (padding) position
     seqs = [tok.encode(t) for t in batch]
-    idx, lengths = collate(seqs, tok.eot_id, "cpu")
+    idx, lengths = pad_texts(seqs, tok.eot_id, "cpu")
     with torch.no_grad():
         padded = model(idx, lengths)[0]
         single = model(torch.tensor([seqs[0]]))[0]
@@ -426,7 +418,7 @@ def test_a_killed_and_resumed_classifier_ends_as_an_uninterrupted_one(setup, lau
 
 def test_a_run_from_split_files_resumes_with_its_own_files(setup, tmp_path, monkeypatch, capsys):
     """--train/--val/--test instead of --data: `--resume` alone continues with the run's files."""
-    from gpt2lab.train import Trainer
+    from gpt2lab.train.loop import Trainer
 
     lines = setup["tsv"].read_text(encoding="utf-8").splitlines(keepends=True)
     files = {"train": lines[:140], "val": lines[140:160], "test": lines[160:]}
@@ -497,8 +489,9 @@ def test_two_processes_train_as_one_with_the_same_total_batch(launched):
 
 def test_a_lora_language_model_is_classified_from_its_merged_weights(setup, tmp_path, monkeypatch):
     """`finetune classify --init LORA_RUN` starts its transformer from the run's merged weights."""
-    from gpt2lab.finetune.lora import apply_lora, lora_layers, save_lora
-    from gpt2lab.train import Trainer
+    from gpt2lab.checkpoint import save_lora
+    from gpt2lab.model.lora import apply_lora, lora_layers
+    from gpt2lab.train.loop import Trainer
 
     base, tok = ckpt.load_run(setup["base"])
     lora = apply_lora(copy.deepcopy(base), rank=4, alpha=8)

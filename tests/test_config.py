@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from gpt2lab import cli
-from gpt2lab.config import ClassifyConfig, LoopConfig, SFTConfig, TrainConfig, load_config_file, merge_for_resume
 from gpt2lab.errors import UserError
-from gpt2lab.model_config import GPTConfig, model_fields
-from gpt2lab.pretrain import pretrain
-from gpt2lab.task import model_overrides
+from gpt2lab.finetune.config import ClassifyConfig, SFTConfig
+from gpt2lab.model.config import GPTConfig, model_fields
+from gpt2lab.train.config import LoopConfig, TrainConfig, load_config_file, merge_for_resume, model_overrides
+from gpt2lab.train.pretrain import pretrain
 
 
 @pytest.fixture(autouse=True)
@@ -204,7 +204,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 @pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.toml")))
 def test_shipped_config_files_build_valid_configs(name):
-    from gpt2lab.config import build
+    from gpt2lab.train.config import build
 
     cfg = build(TrainConfig, {**load_config_file(CONFIGS / name, TrainConfig), "out": "runs/x", "data": "data/x"})
     cfg.validate()
@@ -212,7 +212,7 @@ def test_shipped_config_files_build_valid_configs(name):
 
 
 def test_demo_is_the_modern_recipe_and_classic_is_gpt2_at_the_same_budget():
-    from gpt2lab.config import build
+    from gpt2lab.train.config import build
 
     demo = build(TrainConfig, load_config_file(CONFIGS / "demo.toml", TrainConfig))
     classic = build(TrainConfig, load_config_file(CONFIGS / "gpt2-classic.toml", TrainConfig))

@@ -1,5 +1,5 @@
-"""prepare() (gpt2lab/prepare.py): text -> shards + meta.json, what --overwrite may replace, and the
-readers of gpt2lab/data.py: shards, TokenLoader, SlidingWindowDataset.
+"""prepare() (gpt2lab/data/prepare.py): text -> shards + meta.json, what --overwrite may replace, and the
+readers of gpt2lab/data (shards.py, loader.py): shards, TokenLoader, SlidingWindowDataset.
 
 Corpora are written inside each test, so the file runs anywhere; one test
 also prepares a slice of the shared Shakespeare corpus when it is present.
@@ -19,19 +19,12 @@ import numpy as np
 import pytest
 import torch
 
-from gpt2lab import data
-from gpt2lab import prepare as prepare_mod
-from gpt2lab.data import (
-    HEADER_BYTES,
-    SlidingWindowDataset,
-    TokenLoader,
-    check_tokenizer,
-    load_tokens,
-    open_shard,
-    read_meta,
-)
+from gpt2lab.data import prepare as prepare_mod
+from gpt2lab.data import shards
+from gpt2lab.data.loader import SlidingWindowDataset, TokenLoader
+from gpt2lab.data.prepare import ShardWriter, prepare
+from gpt2lab.data.shards import HEADER_BYTES, check_tokenizer, load_tokens, open_shard, read_meta
 from gpt2lab.errors import UserError
-from gpt2lab.prepare import ShardWriter, prepare
 from gpt2lab.tokenizer import EOT, BPETokenizer, bytes_to_unicode, get_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,7 +126,7 @@ def test_prepare_roundtrip_ids_and_meta(tmp_path, gpt2, small_batches, capsys):
     # the literal text "<|endoftext|>" in document 4 is ordinary text: one eot per document
     assert int((train == gpt2.eot_id).sum()) == 9
     # the data dir carries its tokenizer
-    assert data.data_tokenizer(out).identity() == gpt2.identity()
+    assert shards.data_tokenizer(out).identity() == gpt2.identity()
 
 
 def test_slow_and_fast_tokenizers_write_the_same_shards(tmp_path, gpt2, gpt2_slow, small_batches):
@@ -401,7 +394,7 @@ def test_a_file_as_out_is_refused(tmp_path):
 _KILLED_PREPARE = r"""
 import sys, time
 from pathlib import Path
-from gpt2lab import prepare as p
+from gpt2lab.data import prepare as p
 
 real, calls = p._encode_pieces, []
 

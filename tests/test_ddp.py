@@ -20,12 +20,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import pretrain_argv
 from safetensors.torch import load_file
 
-from gpt2lab.config import TrainConfig
-from gpt2lab.data import GlobalOrder, TokenLoader, load_tokens
+from gpt2lab.data.loader import TokenLoader
+from gpt2lab.data.order import GlobalOrder
+from gpt2lab.data.shards import load_tokens
 from gpt2lab.errors import UserError
-from gpt2lab.pretrain import pretrain
+from gpt2lab.train.config import TrainConfig
+from gpt2lab.train.pretrain import pretrain
 
 SEQ = 32
 BASE = dict(model="tiny", block_size=SEQ, batch_size=4, max_steps=6, lr=3e-3, warmup_steps=2,
@@ -45,14 +48,7 @@ def cfg(data, out, **overrides) -> TrainConfig:
 
 
 def cli_args(data, out, **overrides) -> list[str]:
-    argv = ["pretrain", "--data", str(data), "--out", str(out)]
-    for key, value in {**BASE, **overrides}.items():
-        flag = key.replace("_", "-")
-        if isinstance(value, bool):
-            argv.append(f"--{flag}" if value else f"--no-{flag}")
-        elif value is not None:
-            argv += [f"--{flag}", str(value)]
-    return argv
+    return pretrain_argv(data, out, {**BASE, **overrides})
 
 
 def metrics(run: Path) -> tuple[dict[int, float], dict[int, float]]:
@@ -100,14 +96,6 @@ def assert_only_rank0_wrote(run: Path, result: dict | None = None) -> None:
 def ok(result: dict) -> str:
     """The assertion message of a forked job: rank 0's stderr."""
     return result["ranks"][0]["err"][-3000:]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------ the global order (no processes)

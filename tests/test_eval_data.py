@@ -1,4 +1,4 @@
-"""gpt2lab.eval_data: reading the evaluation files; every malformed record is one UserError naming
+"""gpt2lab.evals.data: reading the evaluation files; every malformed record is one UserError naming
 file:line."""
 
 import gzip
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from gpt2lab import eval_data as ed
 from gpt2lab.errors import UserError
+from gpt2lab.evals import data as ed
 
 HELLASWAG = {"activity_label": "Sailing", "ctx_a": "A boat sails on the lake.", "ctx_b": "the wind",
              "endings": ["blows hard.", "is a fish.", "sings.", "stops."], "label": 0, "split": "val"}

@@ -1,4 +1,4 @@
-"""Evaluation (gpt2lab/evaluate.py, its data read by gpt2lab/eval_data.py): every score is checked
+"""Evaluation (gpt2lab/evals: scoring, benchmarks, data): every score is checked
 against a direct computation written here (one example at a time, log-softmax over the concatenated
 ids, no batching or packing) and against Hugging Face's GPT2LMHeadModel on the same weights; then the
 CLI end to end."""
@@ -15,13 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt2lab import eval_data as ed
-from gpt2lab import evaluate as ev
 from gpt2lab.checkpoint import load_run, save_weights, write_run_config
 from gpt2lab.errors import UserError
-from gpt2lab.eval_data import MCExample
-from gpt2lab.evaluate import Request
-from gpt2lab.model import GPT, GPTConfig
+from gpt2lab.evals import benchmarks as ev
+from gpt2lab.evals import data as ed
+from gpt2lab.evals import scoring
+from gpt2lab.evals.data import MCExample
+from gpt2lab.evals.scoring import Request
+from gpt2lab.model.config import GPTConfig
+from gpt2lab.model.gpt import GPT
 from gpt2lab.tokenizer.train import train_bpe_from_texts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,15 +35,6 @@ PARAGRAPHS = [p.strip() for p in TEXT.split("\n\n") if len(p.strip()) > 40][:12]
 
 
 # ----------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Models this small run several times faster (in CPU time) on one thread than on two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +143,7 @@ def cli_files(tmp_path_factory, tok):
     other = train_bpe_from_texts([TEXT], 300, name="other300")
     corpus = d / "corpus.txt"
     corpus.write_text("\n\n".join(PARAGRAPHS), encoding="utf-8")
-    from gpt2lab.prepare import prepare
+    from gpt2lab.data.prepare import prepare
 
     prepare([str(corpus)], d / "data", tokenizer=tok, val_fraction=0.5, doc_separator="\n\n", workers=1,
             progress=False)
@@ -193,10 +186,10 @@ def cli_runs(run_dir, cli_files):
 
 def test_cli_task_names_match_library(cli_runs):
     from gpt2lab.cli.evaluate import CHECKABLE, TASK_NAMES
-    from gpt2lab.rl_tasks import BUILTIN
+    from gpt2lab.evals.checkable import BUILTIN
 
-    # the judge is a task of the CLI (gpt2lab.judge), given to evaluate_run as an extra task; the
-    # checkable tasks are gpt2lab.rl_tasks' built-ins, scored by pass@k
+    # the judge is a task of the CLI (gpt2lab.evals.judge), given to evaluate_run as an extra task; the
+    # checkable tasks are gpt2lab.evals.checkable' built-ins, scored by pass@k
     assert TASK_NAMES == ev.TASKS + ("judge",) + CHECKABLE
     assert set(CHECKABLE) == set(BUILTIN)
 
@@ -240,8 +233,8 @@ def test_real_hellaswag_and_lambada_files(shared_data):
 def test_lambada_split_and_encode_pair(tok):
     assert ed.lambada_example("the cat sat on the mat") == ("the cat sat on the", " mat")
     assert ed.lambada_example("word") == ("", " word")
-    assert ev.encode_pair(tok, "", " x") == ([tok.eot_id], tok.encode_ordinary(" x"))
-    assert ev.encode_pair(tok, "to be ", "or") == (tok.encode_ordinary("to be"), tok.encode_ordinary(" or"))
+    assert scoring.encode_pair(tok, "", " x") == ([tok.eot_id], tok.encode_ordinary(" x"))
+    assert scoring.encode_pair(tok, "to be ", "or") == (tok.encode_ordinary("to be"), tok.encode_ordinary(" or"))
 
 
 # ----------------------------------------------------------------------------- scores
@@ -304,8 +297,8 @@ def test_greedy_flag_and_batching_invariance(loaded):
             cont.append(int(model(torch.tensor([ctx + cont]))[0, -1].argmax()))
     wrong = cont[:2] + [(cont[2] + 1) % V] + cont[3:]
     requests.append(Request(ctx, [cont, wrong]))
-    one = ev.score_requests(model, requests, batch_size=1)
-    seven = ev.score_requests(model, requests, batch_size=7, return_argmax=True)
+    one = scoring.score_requests(model, requests, batch_size=1)
+    seven = scoring.score_requests(model, requests, batch_size=7, return_argmax=True)
     for req, a, b in zip(requests, one, seven):
         for c, sa, sb in zip(req.continuations, a, b):
             assert abs(sa.logprob - sb.logprob) <= 1e-5
@@ -373,7 +366,7 @@ def test_loss_sliding_window_matches_direct_computation(loaded):
         assert res.metrics["tokens"] == sum(len(d) - 1 for d in docs)
         assert res.metrics["loss"] == pytest.approx(sum(want) / res.metrics["tokens"], rel=1e-5)
     # stride == context is the training loss over consecutive, non-overlapping windows
-    from gpt2lab.task import IGNORE_INDEX, lm_loss
+    from gpt2lab.train.task import IGNORE_INDEX, lm_loss
 
     doc = torch.tensor(docs[0])
     x = torch.zeros(3, BLOCK, dtype=torch.long)
@@ -690,7 +683,7 @@ def test_cli_binary_data_is_one_error(run_dir, tmp_path, capsys, monkeypatch):
 
 
 def test_cli_loss_data_with_ids_outside_the_vocabulary(run_dir, cli_files, tmp_path, capsys, monkeypatch):
-    from gpt2lab.data import HEADER_BYTES, read_meta
+    from gpt2lab.data.shards import HEADER_BYTES, read_meta
 
     vocab = load_run(run_dir)[0].config.vocab_size
     bad = tmp_path / "data"

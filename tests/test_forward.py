@@ -12,9 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt2lab.evaluate import Request, score_requests
-from gpt2lab.generate import LeftPadding
-from gpt2lab.model import GPT, GPTClassifier, GPTConfig, KVCache
+from gpt2lab.evals.scoring import Request, score_requests
+from gpt2lab.model.cache import KVCache
+from gpt2lab.model.config import GPTConfig
+from gpt2lab.model.gpt import GPT, GPTClassifier
 
 VOCAB, BLOCK = 97, 48
 
@@ -62,14 +63,6 @@ def assert_close(a: torch.Tensor, b: torch.Tensor, atol: float = 2e-5) -> None:
     assert diff <= atol, f"max |difference| {diff:.3g} > {atol}"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("kw", list(CONFIGS.values()), ids=list(CONFIGS))
 def test_every_path_computes_the_same_forward(kw):
     model = make(kw)
@@ -86,18 +79,17 @@ def test_every_path_computes_the_same_forward(kw):
             decoded.append(model(ids[:, t:t + 1], kv_cache=cache))
         assert_close(torch.cat(decoded, dim=1), full)
 
-        # a left-padded row of a batch, decoded the same way
+        # a row of a batch whose rows hold different numbers of tokens, decoded the same way: a right-padded
+        # prefill, each row then keeping its own tokens, then one token per row after its own
         other = torch.randint(0, VOCAB, (1, 30))
-        batch = torch.cat([torch.cat([torch.zeros(1, 5, dtype=torch.long), ids[:, :25]], 1), other], 0)
-        padding = LeftPadding(torch.tensor([5, 0]), 30)
+        batch = torch.cat([torch.cat([ids[:, :15], torch.zeros(1, 5, dtype=torch.long)], 1), other[:, :20]], 0)
         cache = KVCache(model.config, 2)
-        positions, mask = padding.inputs(0, 20)
-        out = [model(batch[:, :20], kv_cache=cache, positions=positions, mask=mask)]
-        for t in range(20, 30):
-            positions, mask = padding.inputs(t, 1)
-            out.append(model(batch[:, t:t + 1], kv_cache=cache, positions=positions, mask=mask))
-        assert_close(torch.cat(out, dim=1)[0, 5:], full[0, :25])
-        assert_close(torch.cat(out, dim=1)[1], model(other)[0])
+        first = model(batch, kv_cache=cache)
+        cache.rewind([15, 20])
+        steps = [model(torch.stack([ids[0, t], other[0, t + 5]])[:, None], kv_cache=cache) for t in range(15, 25)]
+        out = torch.cat(steps, dim=1)
+        assert_close(torch.cat([first[0, :15], out[0]]), full[0, :25])
+        assert_close(torch.cat([first[1], out[1]]), model(other)[0])
 
         # the classifier's features are the last position's hidden state
         classifier = GPTClassifier.from_lm(model, 3).eval()

@@ -20,18 +20,12 @@ import torch
 import gpt2lab
 import gpt2lab.generate as gen
 from gpt2lab.checkpoint import save_weights, write_run_config
-from gpt2lab.generate import (
-    LeftPadding,
-    StreamDecoder,
-    check_settings,
-    generate,
-    generate_batch,
-    sample_next,
-    stream,
-    stream_answer,
-)
-from gpt2lab.model import GPT, GPTConfig, KVCache
+from gpt2lab.generate import check_settings, generate, generate_batch, sample_next, stream, stream_answer
+from gpt2lab.model.cache import KVCache
+from gpt2lab.model.config import GPTConfig
+from gpt2lab.model.gpt import GPT
 from gpt2lab.templates import encode_messages, get_format
+from gpt2lab.text import StreamDecoder
 
 VOCAB, BLOCK = 97, 32
 
@@ -47,15 +41,6 @@ def lively(vocab_size: int = VOCAB, block_size: int = BLOCK, seed: int = 0, **kw
                 p.mul_(5.0 if name in ("transformer.wte.weight", "transformer.wpe.weight") else 20.0)
     return model
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from more threads, and on a busy machine threads that wait for
-    each other make every small op slow."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -127,24 +112,21 @@ def test_cache_refuses_to_overflow(model):
         KVCache(model.config, 1, max_len=BLOCK + 1)
 
 
-def test_left_padded_cache_rows_equal_each_prompt_alone(model):
+def test_cache_rows_of_different_lengths_equal_each_prompt_alone(model):
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]
     longest = max(map(len, prompts))
-    pad = torch.tensor([longest - len(p) for p in prompts])
-    ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
+    ids = torch.tensor([p + [0] * (longest - len(p)) for p in prompts])  # right-padded
     more = torch.tensor([[20, 21], [22, 23], [24, 25]])
-    padding = LeftPadding(pad, longest + 2)
     with torch.no_grad():
         cache = KVCache(model.config, 3)
-        positions, mask = padding.inputs(0, longest)
-        first = model(ids, kv_cache=cache, positions=positions, mask=mask)
+        first = model(ids, kv_cache=cache)
+        cache.rewind([len(p) for p in prompts])  # each row keeps its own tokens; the next go after them
         steps = []
         for i in range(2):
-            positions, mask = padding.inputs(longest + i, 1)
-            steps.append(model(more[:, i:i + 1], kv_cache=cache, positions=positions, mask=mask))
+            steps.append(model(more[:, i:i + 1], kv_cache=cache))
         for b, p in enumerate(prompts):
             alone = model(torch.tensor([p + more[b].tolist()]))[0]
-            assert_close(first[b, pad[b]:], alone[:len(p)], atol=1e-5)
+            assert_close(first[b, :len(p)], alone[:len(p)], atol=1e-5)
             for i in range(2):
                 assert_close(steps[i][b, 0], alone[len(p) + i], atol=1e-5)
 
@@ -459,7 +441,7 @@ def fake_stream(monkeypatch, tok, pieces: list[str]):
     def fake(*args, **kwargs):
         return iter(ids)
 
-    monkeypatch.setattr(gen, "stream", fake)
+    monkeypatch.setattr(gen.decode, "stream", fake)
 
 
 def test_stream_answer_stops_at_a_stop_string_across_tokens(monkeypatch, gpt2_tok):

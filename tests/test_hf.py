@@ -14,11 +14,13 @@ from safetensors.torch import load_file, save_file
 
 from gpt2lab import checkpoint as ckpt
 from gpt2lab.errors import UserError
+from gpt2lab.export.hf import config_from_hf, export_hf, hf_to_gpt2lab, import_hf, read_hf_tokenizer
 from gpt2lab.generate import generate
-from gpt2lab.hf import config_from_hf, export_hf, hf_to_gpt2lab, import_hf, read_hf_tokenizer
-from gpt2lab.model import GPT, GPTConfig
+from gpt2lab.model.config import GPTConfig
+from gpt2lab.model.gpt import GPT
 from gpt2lab.tokenizer import BPETokenizer, get_tokenizer
 from gpt2lab.tokenizer.train import train_bpe_from_texts
+from gpt2lab.train.plan import count_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -158,7 +160,7 @@ def test_import_full_size_gpt2_124m(tfm, tmp_path):
         expected = hf(idx).logits
     del hf
     model, _ = ckpt.load_run(import_hf(tmp_path / "src", tmp_path / "run"))
-    assert model.num_params() == 124_439_808
+    assert count_params(model) == 124_439_808
     with torch.no_grad():
         torch.testing.assert_close(model(idx), expected, rtol=0, atol=1e-5)
 
@@ -368,8 +370,8 @@ def test_output_directories_are_replaced_only_when_asked(tmp_path, trained_tok):
 
 def test_a_lora_run_exports_its_merged_weights(tfm, tmp_path, trained_tok):
     """transformers' logits of an exported LoRA run equal the run's own (the adapters merged), not the base's."""
-    from gpt2lab.checkpoint import load_run
-    from gpt2lab.finetune.lora import apply_lora, save_lora
+    from gpt2lab.checkpoint import load_run, save_lora
+    from gpt2lab.model.lora import apply_lora
 
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=trained_tok.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=32)
@@ -401,7 +403,7 @@ def test_a_classifier_exports_as_sequence_classification(tfm, tmp_path, trained_
     final LayerNorm's bias, since transformers' head has none."""
     from gpt2lab.checkpoint import load_run, save_weights, write_run_config
     from gpt2lab.finetune.classify import classify_texts
-    from gpt2lab.model import GPTClassifier
+    from gpt2lab.model.gpt import GPTClassifier
 
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=trained_tok.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=32)
@@ -449,9 +451,9 @@ def test_cli_import_then_export(tfm, tmp_path):
 
 def test_cli_hub_id_offline(tmp_path):
     from gpt2lab.cli.hf import HUB_NAMES
-    from gpt2lab.hf import HUB_IDS
+    from gpt2lab.export.hf import HUB_IDS
 
-    assert HUB_NAMES == ", ".join(HUB_IDS)  # the help text lists them without importing gpt2lab.hf
+    assert HUB_NAMES == ", ".join(HUB_IDS)  # the help text lists them without importing gpt2lab.export.hf
     r = cli("import-hf", "gpt2", "--out", tmp_path / "run", env={"HF_HOME": str(tmp_path / "hf_home")})
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ")

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from gpt2lab import io
+from gpt2lab.checkpoint import read_tensors, save_tensors
 from gpt2lab.errors import UserError
 
 
@@ -47,7 +48,7 @@ def test_write_json_failure_keeps_the_old_file(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with monkeypatch.context() as m:
-        m.setattr(io.os, "fsync", full)
+        m.setattr(os, "fsync", full)
         with pytest.raises(OSError, match="No space"):
             io.write_json(path, {"new": True})
     assert path.read_bytes() == old and hidden(tmp_path) == []
@@ -57,7 +58,7 @@ def test_write_json_failure_keeps_the_old_file(tmp_path, monkeypatch):
         raise OSError(errno.EXDEV, "cross-device link")
 
     with monkeypatch.context() as m:
-        m.setattr(io.os, "replace", cross_device)
+        m.setattr(os, "replace", cross_device)
         with pytest.raises(OSError, match="cross-device"):
             io.write_json(path, {"new": True})
     assert path.read_bytes() == old and hidden(tmp_path) == []
@@ -99,14 +100,14 @@ def test_atomic_file_never_shows_half_a_file(tmp_path):
 def test_save_and_read_tensors(tmp_path):
     torch = pytest.importorskip("torch")
     path = tmp_path / "w.safetensors"
-    io.save_tensors({"a": torch.arange(4.0)}, path, metadata={"k": "v"})
-    assert torch.equal(io.read_tensors(path, "train first")["a"], torch.arange(4.0))
+    save_tensors({"a": torch.arange(4.0)}, path, metadata={"k": "v"})
+    assert torch.equal(read_tensors(path, "train first")["a"], torch.arange(4.0))
     assert hidden(tmp_path) == []
     with pytest.raises(UserError, match="does not exist; train first"):
-        io.read_tensors(tmp_path / "missing.safetensors", "train first")
+        read_tensors(tmp_path / "missing.safetensors", "train first")
     (tmp_path / "bad.safetensors").write_bytes(b"\x00\x01garbage")
     with pytest.raises(UserError, match="cannot be read as safetensors"):
-        io.read_tensors(tmp_path / "bad.safetensors", "train first")
+        read_tensors(tmp_path / "bad.safetensors", "train first")
 
 
 def test_staging_and_publish(tmp_path):
@@ -352,8 +353,8 @@ def test_run_lock(tmp_path):
         with pytest.raises(UserError, match="in use"), io.RunLock(tmp_path / "run"):
             pass
         # another process cannot take it either
-        code = ("import sys; from gpt2lab import io\n"
-                "try:\n    io.RunLock(sys.argv[1]).acquire()\nexcept io.UserError:\n    sys.exit(3)\n")
+        code = ("import sys; from gpt2lab import io; from gpt2lab.errors import UserError\n"
+                "try:\n    io.RunLock(sys.argv[1]).acquire()\nexcept UserError:\n    sys.exit(3)\n")
         r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], timeout=60)
         assert r.returncode == 3
     finally:

@@ -14,8 +14,9 @@ import torch
 
 from gpt2lab.checkpoint import load_run, save_weights, write_run_config
 from gpt2lab.errors import UserError
-from gpt2lab.judge import completions_url, eval_judge, judge_score, judge_task, parse_score
-from gpt2lab.model import GPT, GPTConfig
+from gpt2lab.evals.judge import completions_url, eval_judge, judge_score, judge_task, parse_score
+from gpt2lab.model.config import GPTConfig
+from gpt2lab.model.gpt import GPT
 from gpt2lab.templates import get_format
 from gpt2lab.tokenizer.train import train_bpe_from_texts
 
@@ -149,8 +150,8 @@ def authorization(requests) -> list:
 
 def test_judge_task_in_evaluate_run(server, run_dir, data_file, monkeypatch):
     """The judge as an extra task of evaluate_run: the run has no chat format, so alpaca is used."""
-    from gpt2lab import judge
-    from gpt2lab.evaluate import evaluate_run
+    from gpt2lab.evals import judge
+    from gpt2lab.evals.benchmarks import evaluate_run
 
     srv, url = server
     model, tok = load_run(run_dir)

@@ -11,32 +11,16 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 from gpt2lab import checkpoint as ckpt
+from gpt2lab.checkpoint import LORA_FILE, load_lora, save_lora, unique_state_dict
 from gpt2lab.cli import main as cli_main
 from gpt2lab.errors import UserError
-from gpt2lab.finetune.lora import (
-    LORA_FILE,
-    LoRALinear,
-    apply_lora,
-    load_lora,
-    lora_layers,
-    lora_state_dict,
-    merge_lora,
-    save_lora,
-)
-from gpt2lab.model import GPT, GPTConfig, unique_state_dict
-from gpt2lab.optim import make_optimizer
-from gpt2lab.task import lm_loss
+from gpt2lab.model.config import GPTConfig
+from gpt2lab.model.gpt import GPT
+from gpt2lab.model.lora import LoRALinear, apply_lora, lora_layers, lora_state_dict, merge_lora
+from gpt2lab.train.optim import make_optimizer
+from gpt2lab.train.task import lm_loss
 
 CFG = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=16)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls run fastest on one thread, and the machine is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def base_model(seed: int = 0, config: GPTConfig = CFG) -> GPT:

@@ -3,7 +3,9 @@ import math
 import pytest
 import torch
 
-from gpt2lab.model import GPT, PRESETS, GPTConfig
+from gpt2lab.model.config import PRESETS, GPTConfig
+from gpt2lab.model.gpt import GPT
+from gpt2lab.train.plan import count_params, flops_per_token
 
 
 def tiny(**kw) -> GPT:
@@ -34,7 +36,7 @@ def test_weight_tying():
     assert m.lm_head.weight.data_ptr() == m.transformer.wte.weight.data_ptr()
     # counted once
     distinct = {p.data_ptr(): p.numel() for p in m.parameters()}
-    assert m.num_params() == sum(distinct.values())
+    assert count_params(m) == sum(distinct.values())
 
 
 @pytest.mark.parametrize(
@@ -45,7 +47,7 @@ def test_weight_tying():
 def test_preset_parameter_counts(name, count):
     with torch.device("meta"):
         m = GPT(GPTConfig.from_preset(name))
-    assert m.num_params() == count
+    assert count_params(m) == count
 
 
 def test_unknown_preset_lists_valid_ones():
@@ -131,7 +133,7 @@ def test_flops_per_token_matches_palm_formula():
     with torch.device("meta"):
         m = GPT(GPTConfig.from_preset("gpt2"))
     n = 124_439_808 - 1024 * 768
-    assert m.flops_per_token(1024) == 6 * n + 12 * 12 * 768 * 1024
+    assert flops_per_token(m, 1024) == 6 * n + 12 * 12 * 768 * 1024
 
 
 def test_logits_equal_hugging_face_gpt2():
@@ -162,7 +164,7 @@ def test_every_model_field_is_a_flag_of_pretrain_and_a_config_setting():
     from dataclasses import fields
 
     from gpt2lab.cli import build_parser
-    from gpt2lab.config import TrainConfig, coerce_settings
+    from gpt2lab.train.config import TrainConfig, coerce_settings
 
     parser = build_parser()
     sub = next(a for a in parser._actions if hasattr(a, "choices") and isinstance(a.choices, dict))
@@ -181,6 +183,6 @@ def test_parameter_and_flop_counts_come_from_the_structure():
         m = GPT(GPTConfig.from_preset("gpt2"))
         deeper = GPT(GPTConfig.from_preset("gpt2", n_layer=13))
     per_block = sum(p.numel() for p in m.transformer.h[0].parameters())
-    assert deeper.num_params() - m.num_params() == per_block
-    assert m.num_params(non_embedding=True) == m.num_params() - 50257 * 768 - 1024 * 768
-    assert deeper.flops_per_token(1024) - m.flops_per_token(1024) == 6 * per_block + 12 * 768 * 1024
+    assert count_params(deeper) - count_params(m) == per_block
+    assert count_params(m, non_embedding=True) == count_params(m) - 50257 * 768 - 1024 * 768
+    assert flops_per_token(deeper, 1024) - flops_per_token(m, 1024) == 6 * per_block + 12 * 768 * 1024

@@ -17,15 +17,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import pretrain_argv
 from safetensors.torch import load_file
 
 from gpt2lab import cli
-from gpt2lab.checkpoint import list_checkpoints
-from gpt2lab.config import TrainConfig
-from gpt2lab.data import TokenLoader
-from gpt2lab.optim import lr_at
-from gpt2lab.pretrain import pretrain
-from gpt2lab.train import Trainer
+from gpt2lab.data.loader import TokenLoader
+from gpt2lab.train import resume
+from gpt2lab.train.checkpoints import list_checkpoints
+from gpt2lab.train.config import TrainConfig
+from gpt2lab.train.loop import Trainer
+from gpt2lab.train.optim import lr_at
+from gpt2lab.train.pretrain import pretrain
 
 SEQ = 32
 BASE = dict(model="tiny", block_size=SEQ, batch_size=8, max_steps=16, lr=3e-3, warmup_steps=2,
@@ -46,14 +48,7 @@ def cfg(data, out, **overrides) -> TrainConfig:
 
 
 def cli_args(data, out, **overrides) -> list[str]:
-    argv = ["pretrain", "--data", str(data), "--out", str(out)]
-    for key, value in {**BASE, **overrides}.items():
-        flag = key.replace("_", "-")
-        if isinstance(value, bool):
-            argv.append(f"--{flag}" if value else f"--no-{flag}")
-        elif value is not None:
-            argv += [f"--{flag}", str(value)]
-    return argv
+    return pretrain_argv(data, out, {**BASE, **overrides})
 
 
 def assert_same_weights(a: Path, b: Path) -> None:
@@ -89,14 +84,6 @@ def stop_after(monkeypatch, step: int) -> None:
         return out
 
     monkeypatch.setattr(Trainer, "train_step", train_step)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +138,7 @@ def test_resume_really_depends_on_restored_state(sabotage, reference, tiny_data,
         pretrain(cfg(tiny_data, out))
     monkeypatch.undo()
     if sabotage == "rng":
-        monkeypatch.setattr(Trainer, "_set_rng_state", lambda self, state: None)
+        monkeypatch.setattr(resume, "set_rng_state", lambda state: None)
     else:
         monkeypatch.setattr(TokenLoader, "load_state_dict", lambda self, state: None)
     resumed = pretrain(cfg(tiny_data, out, resume=True))

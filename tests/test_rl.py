@@ -1,5 +1,6 @@
 """Reinforcement learning: the checkable tasks, the group-relative loss, thinking, pass@k, and the command."""
 
+import contextlib
 import json
 import math
 
@@ -9,25 +10,10 @@ import torch.nn.functional as F
 
 from gpt2lab import cli
 from gpt2lab.errors import UserError
-from gpt2lab.rl_tasks import (
-    Arithmetic,
-    Countdown,
-    evaluate_expression,
-    get_task,
-    held_out,
-    pass_at_k,
-)
-from gpt2lab.templates import split_thinking, with_thinking
+from gpt2lab.evals.checkable import Arithmetic, Countdown, evaluate_expression, get_task, held_out, pass_at_k
+from gpt2lab.text import split_thinking, with_thinking
 
 TEXT = "What is 12 + 34? Using the numbers 3, 7, 2, make 23. <think>3*7=21 21+2=23</think>3*7+2 " * 40
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -91,7 +77,8 @@ def test_thinking_is_read_apart_from_the_answer():
 def chat_run(tmp_path_factory):
     """A tiny model in the chat format, with a tokenizer trained on task-like text."""
     from gpt2lab.checkpoint import save_weights, write_run_config
-    from gpt2lab.model import GPT, GPTConfig
+    from gpt2lab.model.config import GPTConfig
+    from gpt2lab.model.gpt import GPT
     from gpt2lab.tokenizer.train import train_bpe_from_texts
 
     tok = train_bpe_from_texts([TEXT], 300, name="rl")
@@ -106,31 +93,36 @@ def chat_run(tmp_path_factory):
 
 
 def make_task(chat_run, tmp_path, **kw):
-    from gpt2lab.config import RLConfig
+    from gpt2lab.finetune.config import RLConfig
     from gpt2lab.finetune.rl import RLTask
-    from gpt2lab.train import Trainer
+    from gpt2lab.train.distributed import DistInfo
+    from gpt2lab.train.task import Context
 
     cfg = RLConfig(init=str(chat_run), task="arithmetic", out=str(tmp_path / "rl"), device="cpu", max_steps=2,
                    tensorboard=False, **kw)
     task = RLTask(cfg)
-    trainer = Trainer.__new__(Trainer)  # the parts of a trainer a task reads
-    trainer.step, trainer.device = 0, torch.device("cpu")
-    trainer.dist = type("D", (), {"rank": 0, "world_size": 1})()
-    task.trainer = trainer
-    task.load(trainer)
+    task.load()
     model = task.build_model(task.model_config(None), resuming=False)
-    trainer.model, trainer.model_config = model, model.config
+    task.setup(Context(cfg=cfg, model=model, model_config=model.config, device=torch.device("cpu"),
+                       dtype=torch.float32, dist=DistInfo(), seq_len=cfg.max_new_tokens, grad_accum=1,
+                       out=tmp_path / "rl", autocast=contextlib.nullcontext))
     return task, model
+
+
+def kept(task, rollout):
+    """Make the task reuse `rollout` (as a later update of --updates-per-batch does) and give its batch."""
+    from gpt2lab.finetune.rl import PromptBatch
+
+    task.rollouts = {0: rollout}
+    return PromptBatch(None, seed=0, slot=0, fresh=False)
 
 
 def test_the_loss_of_a_batch_equals_a_computation_by_hand(chat_run, tmp_path):
     task, model = make_task(chat_run, tmp_path, group_size=3, scale_advantages=False)
     prompt = task.prompt_ids({"prompt": "What is 1 + 2?"})
     samples = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
-    task.rollout = {"prompts": [prompt], "samples": [samples], "rewards": [[1.0, 0.0, 0.5]], "old_logp": None}
-    task.cfg.updates_per_batch = 2  # keep the rollout
-    task.trainer.step = 1
-    loss, metrics = task.loss(model, None)
+    batch = kept(task, {"prompts": [prompt], "samples": [samples], "rewards": [[1.0, 0.0, 0.5]], "old_logp": None})
+    loss, metrics = task.loss(model, batch)
     # by hand: advantages r - mean(r) = (0.5, -0.5, 0); each sampled token's log-probability; ratio 1
     adv = [0.5, -0.5, 0.0]
     n = sum(len(s) for s in samples)  # every sampled token, normalised once over the batch
@@ -156,9 +148,8 @@ def test_advantages_are_mean_centred_and_optionally_scaled(chat_run, tmp_path):
         prompt = task.prompt_ids({"prompt": "What is 1 + 2?"})
         samples = [[5, 6], [5, 6], [5, 6], [5, 6]]  # the same answer four times: only the advantages differ
         rewards = [1.0, 0.0, 0.0, 0.0]
-        task.rollout = {"prompts": [prompt], "samples": [samples], "rewards": [rewards], "old_logp": None}
-        task.cfg.updates_per_batch, task.trainer.step = 2, 1
-        loss, _ = task.loss(model, None)
+        batch = kept(task, {"prompts": [prompt], "samples": [samples], "rewards": [rewards], "old_logp": None})
+        loss, _ = task.loss(model, batch)
         adv = torch.tensor(rewards) - 0.25
         if scale:
             adv = adv / (torch.tensor(rewards).std() + 1e-6)
@@ -171,20 +162,19 @@ def test_an_all_equal_group_contributes_no_gradient(chat_run, tmp_path):
     informative = {"prompts": [p1], "samples": [[[5, 6], [7]]], "rewards": [[1.0, 0.0]], "old_logp": None}
     both = {"prompts": [p1, p2], "samples": [[[5, 6], [7]], [[8], [9, 10]]], "rewards": [[1.0, 0.0], [1.0, 1.0]],
             "old_logp": None}
-    task.cfg.updates_per_batch, task.trainer.step = 2, 1
     grads = []
     for rollout in (informative, both):
-        task.rollout = rollout
+        batch = kept(task, rollout)
         model.zero_grad()
-        loss, metrics = task.loss(model, None)
+        loss, metrics = task.loss(model, batch)
         loss.backward()
         grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None]))
     torch.testing.assert_close(grads[0], grads[1], atol=1e-7, rtol=0)
     assert metrics["informative"].item() == 0.5
     # no informative group at all: a loss of zero with a graph (every process takes part), zero gradient
-    task.rollout = {"prompts": [p2], "samples": [[[8], [9]]], "rewards": [[0.0, 0.0]], "old_logp": None}
+    batch = kept(task, {"prompts": [p2], "samples": [[[8], [9]]], "rewards": [[0.0, 0.0]], "old_logp": None})
     model.zero_grad()
-    loss, _ = task.loss(model, None)
+    loss, _ = task.loss(model, batch)
     loss.backward()
     assert loss.item() == 0 and all(not p.grad.any() for p in model.parameters() if p.grad is not None)
 
@@ -285,7 +275,7 @@ def test_chat_can_hide_the_thinking(chat_run, monkeypatch, capsys):
 
 
 def test_rl_settings_are_checked():
-    from gpt2lab.config import RLConfig
+    from gpt2lab.finetune.config import RLConfig
 
     with pytest.raises(UserError, match="one of the two"):
         RLConfig(init="x", out="o").validate()

@@ -18,14 +18,15 @@ from safetensors.torch import save_file
 
 import gpt2lab
 from gpt2lab import checkpoint, cli
-from gpt2lab.config import TrainConfig
 from gpt2lab.errors import UserError
 from gpt2lab.finetune.classify import classify_texts, load_classifier
 from gpt2lab.generate import generate
-from gpt2lab.model import GPT, GPTClassifier, GPTConfig
-from gpt2lab.pretrain import pretrain
+from gpt2lab.model.config import GPTConfig
+from gpt2lab.model.gpt import GPT, GPTClassifier
 from gpt2lab.tokenizer import load_tokenizer_file
 from gpt2lab.tokenizer.train import train_bpe_from_texts
+from gpt2lab.train.config import TrainConfig
+from gpt2lab.train.pretrain import pretrain
 
 MODEL = GPTConfig(vocab_size=512, block_size=32, n_layer=2, n_head=2, n_embd=32)
 

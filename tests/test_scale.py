@@ -13,18 +13,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import pretrain_argv
 from safetensors.torch import load_file
 
 import gpt2lab
 from gpt2lab import cli
 from gpt2lab.checkpoint import TOKENIZER_FILE, load_run
-from gpt2lab.config import TrainConfig
-from gpt2lab.data import TokenLoader, document_inputs, load_tokens
+from gpt2lab.data.loader import TokenLoader
+from gpt2lab.data.shards import load_tokens
 from gpt2lab.generate import generate
-from gpt2lab.model import GPT, GPTConfig
-from gpt2lab.pretrain import pretrain
-from gpt2lab.task import lm_loss
+from gpt2lab.model.config import GPTConfig
+from gpt2lab.model.gpt import GPT
+from gpt2lab.model.masks import document_inputs
 from gpt2lab.tokenizer import load_tokenizer_file
+from gpt2lab.train.config import TrainConfig
+from gpt2lab.train.distributed import checkpoint_blocks
+from gpt2lab.train.pretrain import pretrain
+from gpt2lab.train.task import lm_loss
 
 SEQ = 32
 STEPS = 60
@@ -36,14 +41,7 @@ KILL_AT = 20  # the SIGKILLed runs are killed once checkpoint 20 (of 20, 40, 60)
 
 
 def cli_args(data, out, **overrides) -> list[str]:
-    argv = ["pretrain", "--data", str(data), "--out", str(out)]
-    for key, value in {**BASE, **overrides}.items():
-        flag = key.replace("_", "-")
-        if isinstance(value, bool):
-            argv.append(f"--{flag}" if value else f"--no-{flag}")
-        elif value is not None:
-            argv += [f"--{flag}", str(value)]
-    return argv
+    return pretrain_argv(data, out, {**BASE, **overrides})
 
 
 def metrics(run: Path) -> tuple[dict[int, float], dict[int, float]]:
@@ -77,14 +75,6 @@ def weights_diff(a: Path, b: Path) -> float:
 def ok(result: dict) -> str:
     """The assertion message of a forked job: every rank's stderr."""
     return "\n".join(f"rank {r}: {rank['err'][-2000:]}" for r, rank in enumerate(result["ranks"]))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------ forked runs
@@ -297,7 +287,8 @@ def test_activation_checkpointing_keeps_less_and_trains_the_same(tiny_data, tmp_
     x = torch.randint(0, 512, (2, 64))
     saved = {False: [], True: []}
     for on in (False, True):
-        model.transformer.activation_checkpointing = on
+        if on:
+            checkpoint_blocks(model)
         with torch.autograd.graph.saved_tensors_hooks(lambda t, on=on: saved[on].append(t.numel()) or t,
                                                       lambda t: t):
             model(x)

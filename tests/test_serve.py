@@ -1,4 +1,4 @@
-"""`gpt2lab serve` (gpt2lab/serve.py, gpt2lab/batching.py), `gpt2lab chat --url` and the chat page.
+"""`gpt2lab serve` (gpt2lab/serve: app, openai, scheduler), `gpt2lab chat --url` and the chat page.
 
 Live servers run in this process (uvicorn in a thread, on 127.0.0.1 and a free port) and are asked
 with the official `openai` client, raw HTTP where the client hides what is checked (the SSE framing,
@@ -26,10 +26,11 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
-from gpt2lab.batching import Job, Scheduler, Text  # noqa: E402
 from gpt2lab.checkpoint import load_run, save_weights, write_run_config  # noqa: E402
 from gpt2lab.generate import answer, generate  # noqa: E402
-from gpt2lab.model import GPT, GPTConfig  # noqa: E402
+from gpt2lab.model.config import GPTConfig  # noqa: E402
+from gpt2lab.model.gpt import GPT  # noqa: E402
+from gpt2lab.serve.scheduler import Job, Scheduler, Text  # noqa: E402
 from gpt2lab.templates import encode_messages  # noqa: E402
 
 TEXT = ("The quick brown fox jumps over the lazy dog. A café in Zürich serves crème brûlée. "
@@ -80,14 +81,6 @@ def write_run(out: Path, model: GPT, tok, template: str | None = None) -> Path:
     return out
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads; on a busy 2-core machine threads that wait cost time."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
@@ -109,7 +102,7 @@ class Live:
         import uvicorn
 
         from gpt2lab.checkpoint import open_run
-        from gpt2lab.serve import Server, _listen, create_app
+        from gpt2lab.serve.app import Server, _listen, create_app
         from gpt2lab.templates import get_format
 
         self.model, self.tok = load_run(run_dir, "cpu", kind="lm")
@@ -237,8 +230,7 @@ def test_thinking_splitter_streams_what_split_thinking_splits():
     templates.split_thinking makes of the whole, and no piece shows part of a tag."""
     import random
 
-    from gpt2lab.openai_api import ThinkSplitter
-    from gpt2lab.templates import split_thinking
+    from gpt2lab.text import ThinkSplitter, split_thinking
 
     rng = random.Random(0)
     answers = ["\n<think>\nplan it \n</think>\n\nthe answer", "no thinking <think>x</think>", "<think>never closed  ",
@@ -599,7 +591,7 @@ def test_serve_command(runs, monkeypatch, capsys):
     refuses bad flags in one line (uvicorn's loop and the socket are stubbed: nothing listens)."""
     import uvicorn
 
-    import gpt2lab.serve as serve_mod
+    import gpt2lab.serve.app as serve_mod
 
     seen, real_listen = {}, serve_mod._listen
     monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: seen.update(app=self.config.app))

@@ -22,19 +22,22 @@ from safetensors.torch import load_file
 
 import gpt2lab
 from gpt2lab import cli
-from gpt2lab.checkpoint import TOKENIZER_FILE, load_run, read_run_config
-from gpt2lab.config import SFTConfig, TrainConfig
+from gpt2lab.checkpoint import LORA_FILE, TOKENIZER_FILE, load_run, read_run_config
+from gpt2lab.data.records import read_instructions
 from gpt2lab.errors import UserError
+from gpt2lab.finetune.config import SFTConfig
 from gpt2lab.finetune.instructions import build_instruction_set, qa_records, score_sft, synthetic_tasks
-from gpt2lab.finetune.lora import LORA_FILE, lora_layers
-from gpt2lab.finetune.sft import SFTLoader, SFTTask, collate, encode_record, finetune_sft, read_records
+from gpt2lab.finetune.sft import SFTLoader, SFTTask, encode_record, finetune_sft, pad_examples
 from gpt2lab.generate import generate
-from gpt2lab.model import GPT, GPTConfig
-from gpt2lab.pretrain import pretrain
-from gpt2lab.task import IGNORE_INDEX
+from gpt2lab.model.config import GPTConfig
+from gpt2lab.model.gpt import GPT
+from gpt2lab.model.lora import lora_layers
 from gpt2lab.templates import render_messages
 from gpt2lab.tokenizer import load_tokenizer_file
-from gpt2lab.train import Trainer
+from gpt2lab.train.config import TrainConfig
+from gpt2lab.train.loop import Trainer
+from gpt2lab.train.pretrain import pretrain
+from gpt2lab.train.task import IGNORE_INDEX
 
 BLOCK = 256
 SFT = dict(batch_size=8, max_steps=40, lr=4e-3, warmup_steps=2, eval_every=1000, eval_batches=4,
@@ -43,14 +46,6 @@ SFT = dict(batch_size=8, max_steps=40, lr=4e-3, warmup_steps=2, eval_every=1000,
 # the record the overfitting tests memorise: no input, so `chat -p INSTRUCTION` renders the same prompt
 SOLO = {"instruction": "Say the first line of the song.", "output": "the wind moved the old door",
         "task": "solo"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +126,7 @@ def test_encode_record_appends_eot_and_masks_the_prompt(tok):
     assert ids == p + a + [tok.eot_id]
     assert trained == [False] * len(p) + [True] * (len(a) + 1)
 
-    x, y = collate([(ids, trained)], tok.eot_id, "cpu")
+    x, y = pad_examples([(ids, trained)], tok.eot_id, "cpu")
     assert x.tolist() == [ids[:-1]]
     # target t is ids[t + 1]: the prompt's own tokens (after the first) are never targets
     assert (y[0, :len(p) - 1] == IGNORE_INDEX).all()
@@ -153,7 +148,7 @@ def test_truncation_keeps_what_fits_and_drops_records_without_a_response(tok):
     assert ids == p + a[:2] and trained == [False] * len(p) + [True, True]
     ids, trained = encode_record(rec, "alpaca", tok, len(p))
     assert ids == p + a[:1]
-    x, y = collate([(ids, trained)], tok.eot_id, "cpu")
+    x, y = pad_examples([(ids, trained)], tok.eot_id, "cpu")
     assert (y != IGNORE_INDEX).sum().item() == 1
     # only the prompt fits: nothing would be trained
     assert encode_record(rec, "alpaca", tok, len(p) - 1) is None
@@ -187,7 +182,7 @@ def test_chat_records_train_only_the_assistant_turns(tok):
                     + [tok.eot_id])
     assert ids[-1] == tok.eot_id and trained[-1]
     # the system and user turns and the role markers are never targets
-    x, y = collate([(ids, trained)], tok.eot_id, "cpu")
+    x, y = pad_examples([(ids, trained)], tok.eot_id, "cpu")
     assert [t for t in y[0].tolist() if t != IGNORE_INDEX] == kept
 
 
@@ -208,7 +203,7 @@ def test_the_chat_format_follows_the_records(base_run, tok, tmp_path):
     for data, template, expected in ((chat, "alpaca", "chat"), (alpaca, "alpaca", "alpaca"),
                                      (alpaca, "chat", "chat")):
         task = SFTTask(sft_cfg(base_run, data, tmp_path / "unused", template=template))
-        task.load(None)
+        task.load()
         assert task.format == expected and task.run_config()["template"] == expected, (data, template)
     # what is trained is what render_messages shows in that format
     rec = {"instruction": "Name a colour.", "output": "red"}
@@ -225,11 +220,11 @@ def test_the_chat_format_follows_the_records(base_run, tok, tmp_path):
 def test_collate_pads_right_with_pad_in_x_and_ignore_in_y():
     a = ([1, 2, 3], [False, True, True])
     b = ([4, 5, 6, 7, 8], [False, False, True, True, True])
-    x, y = collate([a, b], pad_id=99, device="cpu")
+    x, y = pad_examples([a, b], pad_id=99, device="cpu")
     assert x.shape == y.shape == (2, 4) and x.dtype == y.dtype == torch.long
     assert x.tolist() == [[1, 2, 99, 99], [4, 5, 6, 7]]
     assert y.tolist() == [[2, 3, IGNORE_INDEX, IGNORE_INDEX], [IGNORE_INDEX, 6, 7, 8]]
-    x, y = collate([b], pad_id=99, device="cpu")
+    x, y = pad_examples([b], pad_id=99, device="cpu")
     assert x.shape == (1, 4) and 99 not in x.tolist()[0]
 
 
@@ -298,37 +293,37 @@ def test_read_records_accepts_json_lists_and_jsonl(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps(recs))
     write_jsonl(tmp_path / "a.jsonl", recs)
     (tmp_path / "b.jsonl").write_text("\n" + json.dumps(CHAT_RECORD) + "\n\n")
-    assert read_records(tmp_path / "a.json") == recs == read_records(tmp_path / "a.jsonl")
-    assert read_records(tmp_path / "b.jsonl") == [CHAT_RECORD]
+    assert read_instructions(tmp_path / "a.json") == recs == read_instructions(tmp_path / "a.jsonl")
+    assert read_instructions(tmp_path / "b.jsonl") == [CHAT_RECORD]
 
 
 def test_read_records_errors_name_the_file(tmp_path):
     missing = tmp_path / "nope.jsonl"
     with pytest.raises(UserError) as e:
-        read_records(missing)
+        read_instructions(missing)
     one_line_user_error(e, str(missing), "does not exist")
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": \n')
     with pytest.raises(UserError) as e:
-        read_records(bad)
+        read_instructions(bad)
     one_line_user_error(e, str(bad), "not valid JSON")
 
     bad_json = tmp_path / "bad.json"
     bad_json.write_text('[{"instruction": "a", "output": "b"},]')
     with pytest.raises(UserError) as e:
-        read_records(bad_json)
+        read_instructions(bad_json)
     one_line_user_error(e, str(bad_json), "not valid JSON")
 
     fields = tmp_path / "fields.jsonl"
     write_jsonl(fields, [{"instruction": "a", "output": "b"}, {"instruction": "c", "answer": "d"}])
     with pytest.raises(UserError) as e:
-        read_records(fields)
+        read_instructions(fields)
     one_line_user_error(e, f"{fields}:2 ", "answer", "`output`")  # the file's line
     fields_json = tmp_path / "fields.json"
     fields_json.write_text(json.dumps([{"instruction": "a", "output": "b"}, {"instruction": "c", "answer": "d"}]))
     with pytest.raises(UserError) as e:
-        read_records(fields_json)
+        read_instructions(fields_json)
     one_line_user_error(e, f"{fields_json}: record 1 ", "answer", "`output`")  # the list's index
 
     for name, text, needle in (("empty.jsonl", "", "no records"),
@@ -336,13 +331,13 @@ def test_read_records_errors_name_the_file(tmp_path):
         path = tmp_path / name
         path.write_text(text)
         with pytest.raises(UserError) as e:
-            read_records(path)
+            read_instructions(path)
         one_line_user_error(e, str(path), needle)
 
     scalars = tmp_path / "scalars.jsonl"
     scalars.write_text("1\n2\n")
     with pytest.raises(UserError) as e:
-        read_records(scalars)
+        read_instructions(scalars)
     one_line_user_error(e, f"{scalars}:1 ", "not an object")
 
 
@@ -350,13 +345,13 @@ def test_invalid_jsonl_error_gives_the_file_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "a", "output": "b"}\n\n{"instruction": "c", "output": \n')
     with pytest.raises(UserError, match=r"bad\.jsonl:3 is not valid JSON"):
-        read_records(bad)
+        read_instructions(bad)
 
 
 def test_a_record_whose_output_is_not_text_is_a_user_error(tmp_path, tok):
     path = write_jsonl(tmp_path / "numbers.jsonl", [{"instruction": "What is 2 + 3?", "output": 5}])
     with pytest.raises(UserError) as e:
-        read_records(path)
+        read_instructions(path)
     one_line_user_error(e, f"{path}:1 ", "`output`", "int, not text")
 
 
@@ -389,7 +384,7 @@ def lora_run(base_run, sft_data, tmp_path_factory):
 
 def test_full_sft_lowers_the_response_loss(base_run, sft_data, full_run, tok):
     out, result = full_run
-    val = read_records(sft_data[1])
+    val = read_instructions(sft_data[1])
     base, _ = load_run(base_run)
     before = direct_response_loss(base, tok, val)
     model, _ = gpt2lab.load(out)
@@ -437,7 +432,7 @@ def test_lora_sft_keeps_the_base_and_loads_merged(base_run, sft_data, lora_run, 
     assert len(adapters) == 2 * n_linear
     assert all(adapters[k].abs().max() > 0 for k in adapters if k.endswith("lora_B"))
 
-    x = torch.tensor([tok.encode(prompt_of(r)) for r in read_records(sft_data[1])[:1]])
+    x = torch.tensor([tok.encode(prompt_of(r)) for r in read_instructions(sft_data[1])[:1]])
     model, _ = gpt2lab.load(out)
     logits = model(x)
     torch.testing.assert_close(logits, merged_by_hand(out)(x), atol=1e-5, rtol=1e-5)
@@ -452,7 +447,7 @@ def test_lora_sft_keeps_the_base_and_loads_merged(base_run, sft_data, lora_run, 
     torch.testing.assert_close(merged(x), logits, atol=1e-5, rtol=1e-5)
 
     # fewer weights move, so less is learnt in 40 steps than with full fine-tuning, but clearly something
-    val = read_records(sft_data[1])
+    val = read_instructions(sft_data[1])
     assert direct_response_loss(model, tok, val) < direct_response_loss(base, tok, val) - 0.3
 
 
@@ -637,7 +632,7 @@ def test_build_instruction_set_splits_and_counts(tmp_path):
     # together they are exactly the distinct generated records, each once
     key = lambda r: json.dumps(r, sort_keys=True)  # noqa: E731
     assert sorted(map(key, train + held)) == sorted(distinct)
-    assert read_records(tmp_path / "set" / "heldout.jsonl") == held
+    assert read_instructions(tmp_path / "set" / "heldout.jsonl") == held
     again = build_instruction_set(tmp_path / "again", synthetic=200, heldout_fraction=0.1, seed=0)
     assert again == counts
     for name in ("train.jsonl", "heldout.jsonl"):

@@ -9,15 +9,7 @@ import pytest
 
 from gpt2lab.errors import UserError
 from gpt2lab.finetune.sft import encode_record
-from gpt2lab.templates import (
-    EOT_TEXT,
-    FORMATS,
-    PLAIN,
-    encode_messages,
-    get_format,
-    record_messages,
-    render_messages,
-)
+from gpt2lab.templates import EOT_TEXT, FORMATS, PLAIN, encode_messages, get_format, record_messages, render_messages
 from gpt2lab.tokenizer import get_tokenizer
 
 HEAD = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
@@ -209,9 +201,10 @@ RECORDS = [
 @pytest.mark.parametrize("fmt", ["alpaca", "chat"])
 @pytest.mark.parametrize("record", RECORDS, ids=["no-input", "input"])
 def test_the_inference_prompt_is_a_prefix_of_the_training_sequence(record, fmt, tok, monkeypatch):
-    from gpt2lab import generate, judge
     from gpt2lab.cli.generate import Conversation
-    from gpt2lab.model import GPT, GPTConfig
+    from gpt2lab.evals import judge
+    from gpt2lab.model.config import GPTConfig
+    from gpt2lab.model.gpt import GPT
 
     ids, trained = encode_record(record, fmt, tok, 1024)
     answer_ids = tok.encode(record["output"]) + [tok.eot_id]
@@ -225,7 +218,7 @@ def test_the_inference_prompt_is_a_prefix_of_the_training_sequence(record, fmt, 
 
     # the judge asks exactly that prompt
     asked = []
-    monkeypatch.setattr(generate, "answer", lambda model, tokenizer, ids, *a, **k: asked.append(list(ids)) or "")
+    monkeypatch.setattr(judge, "answer", lambda model, tokenizer, ids, *a, **k: asked.append(list(ids)) or "")
     model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=1024, n_layer=1, n_head=1, n_embd=8))
     judge.generate_answer(model, tok, fmt, record, max_new_tokens=16)
     assert asked == [prompt]

@@ -18,19 +18,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import pretrain_argv
 from safetensors.torch import load_file
 
 from gpt2lab import cli
-from gpt2lab import pretrain as train_mod  # the module whose task computes the loss
-from gpt2lab.checkpoint import list_checkpoints, load_run
-from gpt2lab.config import TrainConfig, load_config_file
-from gpt2lab.data import TokenLoader, read_meta
+from gpt2lab.checkpoint import load_run
+from gpt2lab.data.loader import TokenLoader
+from gpt2lab.data.shards import read_meta
 from gpt2lab.errors import UserError
-from gpt2lab.model import GPT, GPTConfig
-from gpt2lab.optim import ScratchAdamW, lr_at, make_optimizer, param_groups
-from gpt2lab.pretrain import pretrain
-from gpt2lab.task import IGNORE_INDEX, NonFiniteLoss, lm_loss
+from gpt2lab.model.config import GPTConfig
+from gpt2lab.model.gpt import GPT
 from gpt2lab.tokenizer import load_tokenizer_file
+from gpt2lab.train import pretrain as train_mod  # the module whose task computes the loss
+from gpt2lab.train.checkpoints import list_checkpoints
+from gpt2lab.train.config import TrainConfig, load_config_file
+from gpt2lab.train.optim import ScratchAdamW, lr_at, make_optimizer, param_groups
+from gpt2lab.train.pretrain import pretrain
+from gpt2lab.train.task import IGNORE_INDEX, NonFiniteLoss, lm_loss
 
 SEQ = 32
 TINY = dict(model="tiny", block_size=SEQ, batch_size=8, max_steps=10, lr=3e-3, warmup_steps=2,
@@ -43,14 +47,7 @@ def tiny_cfg(data, out, **overrides) -> TrainConfig:
 
 
 def cli_args(data, out, **overrides) -> list[str]:
-    argv = ["pretrain", "--data", str(data), "--out", str(out)]
-    for key, value in {**TINY, **overrides}.items():
-        flag = key.replace("_", "-")
-        if isinstance(value, bool):
-            argv.append(f"--{flag}" if value else f"--no-{flag}")
-        elif value is not None:
-            argv += [f"--{flag}", str(value)]
-    return argv
+    return pretrain_argv(data, out, {**TINY, **overrides})
 
 
 def read_metrics(run: Path) -> tuple[list[dict], list[dict]]:
@@ -67,14 +64,6 @@ def digests(root: Path) -> dict[str, str]:
     """Every file's sha256, but the run lock's (.lock names the process that last took it)."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from gpt2lab.cli import Parser
 
 def _variant_parser():
     from gpt2lab.cli.train import add_config_flags
-    from gpt2lab.config import TrainConfig
+    from gpt2lab.train.config import TrainConfig
 
     # a variant's flags are pretrain's (whose --help lists them), never abbreviated
     p = Parser(prog="gpt2lab pretrain", add_help=False, allow_abbrev=False)
@@ -19,10 +19,10 @@ def _variant_parser():
 
 
 def cmd_ablate(args) -> int:
-    from gpt2lab.ablate import ablate, parse_variant, table
     from gpt2lab.cli.train import resolve_config
-    from gpt2lab.config import TrainConfig
     from gpt2lab.errors import UserError
+    from gpt2lab.evals.ablate import ablate, parse_variant, table
+    from gpt2lab.train.config import TrainConfig
 
     if not args.variant:
         raise UserError('give at least one --variant NAME=FLAGS (e.g. --variant "base=" --variant '
@@ -51,7 +51,7 @@ def cmd_ablate(args) -> int:
 
 def register(sub) -> None:
     from gpt2lab.cli.train import add_config_flags
-    from gpt2lab.config import TrainConfig
+    from gpt2lab.train.config import TrainConfig
 
     a = sub.add_parser("ablate", help="train variants on the same data and budget; compare their val bpb",
                        formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -6,7 +6,7 @@ from gpt2lab.cli import fraction, positive_int, unescape
 
 
 def cmd_prepare(args) -> int:
-    from gpt2lab.prepare import prepare
+    from gpt2lab.data.prepare import prepare
 
     if not args.input and not args.hf_dataset:
         from gpt2lab.errors import UserError

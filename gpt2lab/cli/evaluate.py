@@ -9,10 +9,10 @@ from pathlib import Path
 
 from gpt2lab.cli import finite_float, nonneg_int, positive_int
 
-# the tasks of gpt2lab.evaluate.TASKS (a test checks that they agree), named here so that a typo is
+# the tasks of gpt2lab.evals.benchmarks.TASKS (a test checks that they agree), named here so that a typo is
 # reported at once, without importing torch
 TASK_NAMES = ("loss", "hellaswag", "lambada", "mc", "judge", "arithmetic", "countdown")
-CHECKABLE = ("arithmetic", "countdown")  # gpt2lab.rl_tasks.BUILTIN: pass@1 and pass@k on held-out prompts
+CHECKABLE = ("arithmetic", "countdown")  # gpt2lab.evals.checkable.BUILTIN: pass@1 and pass@k on held-out prompts
 
 
 def _task_list(text: str) -> list[str]:
@@ -50,7 +50,7 @@ def _data_map(specs: list[str] | None, tasks: list[str]) -> dict[str, str]:
 def cmd_eval(args) -> int:
     from gpt2lab import io
     from gpt2lab.errors import UserError
-    from gpt2lab.evaluate import evaluate_run, format_table
+    from gpt2lab.evals.benchmarks import evaluate_run, format_table
 
     tasks = list(dict.fromkeys(t for group in args.task for t in group))
     data = _data_map(args.data, tasks)
@@ -71,14 +71,14 @@ def cmd_eval(args) -> int:
         io.check_output_file(args.predictions, "eval-jsonl", flag="--predictions", inputs=inputs)
     extra = {}
     if "judge" in tasks:
-        from gpt2lab.judge import judge_task
+        from gpt2lab.evals.judge import judge_task
 
         extra["judge"] = judge_task(args.judge_url, args.judge_model, args.judge_api_key, args.max_new_tokens)
     if args.k > max(1, args.samples):
         raise UserError(f"--k {args.k} needs at least that many --samples per prompt (now {args.samples})")
     for name in CHECKABLE:
         if name in tasks:
-            from gpt2lab.rl_tasks import eval_task
+            from gpt2lab.evals.checkable import eval_task
 
             if name in data:
                 raise UserError(f"task {name} makes its own held-out prompts; drop --data for it")

@@ -11,8 +11,8 @@ from gpt2lab.cli import Parser, fraction, nonneg_int, positive_int
 
 def cmd_finetune_classify(args) -> int:
     from gpt2lab.cli.train import resolve_config
-    from gpt2lab.config import ClassifyConfig
     from gpt2lab.finetune.classify import finetune_classifier
+    from gpt2lab.finetune.config import ClassifyConfig
 
     cfg, given = resolve_config(args, ClassifyConfig)
     result = finetune_classifier(cfg, given)
@@ -54,7 +54,7 @@ def _read_inputs(path: str, text_field: str) -> list[str]:
 
 
 def cmd_classify(args) -> int:
-    from gpt2lab.distributed import resolve_device
+    from gpt2lab.device import resolve_device
     from gpt2lab.errors import UserError
     from gpt2lab.finetune.classify import classify_texts, load_classifier
 
@@ -78,7 +78,7 @@ def cmd_merge_lora(args) -> int:
 
 def cmd_finetune_sft(args) -> int:
     from gpt2lab.cli.train import resolve_config
-    from gpt2lab.config import SFTConfig
+    from gpt2lab.finetune.config import SFTConfig
     from gpt2lab.finetune.sft import finetune_sft
 
     cfg, given = resolve_config(args, SFTConfig)
@@ -93,7 +93,7 @@ def cmd_finetune_sft(args) -> int:
 
 def cmd_finetune_rl(args) -> int:
     from gpt2lab.cli.train import resolve_config
-    from gpt2lab.config import RLConfig
+    from gpt2lab.finetune.config import RLConfig
     from gpt2lab.finetune.rl import finetune_rl
 
     cfg, given = resolve_config(args, RLConfig)
@@ -129,7 +129,7 @@ def cmd_instructions(args) -> int:
 
 def register(sub) -> None:
     from gpt2lab.cli.train import add_config_flags
-    from gpt2lab.config import ClassifyConfig, RLConfig, SFTConfig
+    from gpt2lab.finetune.config import ClassifyConfig, RLConfig, SFTConfig
 
     ft = sub.add_parser("finetune", help="fine-tune a run dir (classify, sft, instructions, rl)",
                         description="Fine-tune a pretrained or imported run dir; writes a new run dir. "

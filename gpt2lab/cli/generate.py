@@ -26,17 +26,18 @@ def _load(args):
     """(model, tokenizer, chat format) of the run dir, on the device and in the dtype asked for."""
     import torch
 
-    from gpt2lab.checkpoint import load_run, open_run
-    from gpt2lab.distributed import resolve_device
+    from gpt2lab.checkpoint import open_run
+    from gpt2lab.device import resolve_device
     from gpt2lab.generate import check_settings
     from gpt2lab.templates import get_format
 
     check_settings(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     device = resolve_device(args.device)
-    model, tok = load_run(args.run_dir, device=device, kind="lm")
+    info = open_run(args.run_dir)
+    model, tok = info.load(device, kind="lm")
     if args.dtype == "bf16":  # fast on GPUs, and on CPUs with AVX512-BF16 or AMX
         model = model.to(torch.bfloat16)
-    return model, tok, get_format(open_run(args.run_dir).template)
+    return model, tok, get_format(info.template)
 
 
 def _write(text: str) -> None:
@@ -46,24 +47,17 @@ def _write(text: str) -> None:
 
 def _answer(model, tok, prompt, args, seed, stop=()) -> str:
     from gpt2lab.generate import stream_answer
-    from gpt2lab.templates import THINK_CLOSE, THINK_OPEN
+    from gpt2lab.text import ThinkSplitter
 
-    hide = getattr(args, "think", "show") == "hide"
-    out, shown = [], 0
+    # --think hide: nothing of a <think> ... </think> section at the start of the answer is shown
+    hide = ThinkSplitter() if getattr(args, "think", "show") == "hide" else None
+    out = []
     for piece in stream_answer(model, tok, prompt, args.max_new_tokens, args.temperature, args.top_k,
                                args.top_p, seed, stop=stop, use_cache=not args.no_cache):
         out.append(piece)
-        if not hide:
-            _write(piece)
-            continue
-        # --think hide: nothing of a <think> ... </think> section at the start of the answer is shown
-        text = "".join(out)
-        start = len(text) - len(text.lstrip())
-        if text[start:start + len(THINK_OPEN)] == THINK_OPEN[:len(text) - start] and THINK_CLOSE not in text:
-            continue  # inside the section (or perhaps its opening tag): wait
-        visible = text.split(THINK_CLOSE, 1)[1].lstrip() if text.lstrip().startswith(THINK_OPEN) else text
-        _write(visible[shown:])
-        shown = len(visible)
+        _write(hide.push(piece)[1] if hide is not None else piece)
+    if hide is not None:
+        _write(hide.flush()[1])
     return "".join(out)
 
 
@@ -117,7 +111,8 @@ class Conversation:
             self.messages = turns[:-1]
 
     def add(self, text: str, reply: str) -> None:
-        from gpt2lab.templates import PLAIN, split_thinking
+        from gpt2lab.templates import PLAIN
+        from gpt2lab.text import split_thinking
 
         # a base model's running text: keep the line break the terminal showed after the reply; an earlier
         # answer's thinking is left out of the history (its answer is what the conversation goes on from)
@@ -155,7 +150,7 @@ def _remote_chat(args) -> int:
     """Chat with a model behind an OpenAI-compatible server: the conversation is kept here and sent whole."""
     from gpt2lab.client import Client, ServerError
     from gpt2lab.errors import UserError
-    from gpt2lab.templates import THINK_CLOSE, THINK_OPEN
+    from gpt2lab.text import THINK_CLOSE, THINK_OPEN
 
     hide = getattr(args, "think", "show") == "hide"
     client = Client(args.url, args.api_key)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-# the keys of gpt2lab.hf.HUB_IDS, written out so that `--help` imports nothing heavy (a test checks)
+# the keys of gpt2lab.export.hf.HUB_IDS, written out so that `--help` imports nothing heavy (a test checks)
 HUB_NAMES = "gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2"
 
 
 def cmd_import(args) -> int:
-    from gpt2lab.hf import import_hf
+    from gpt2lab.export.hf import import_hf
 
     out = import_hf(args.src, args.out, overwrite=args.overwrite)
     print(f"imported {args.src} to {out}; try `gpt2lab generate {out} --prompt \"Hello\"`")
@@ -15,7 +15,7 @@ def cmd_import(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from gpt2lab.hf import export_hf
+    from gpt2lab.export.hf import export_hf
 
     out = export_hf(args.run_dir, args.out, overwrite=args.overwrite)
     print(f"exported {args.run_dir} to {out}; load it with "

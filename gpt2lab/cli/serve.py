@@ -1,4 +1,4 @@
-"""`gpt2lab serve`: an OpenAI-compatible server for a run dir, with a chat page (gpt2lab/serve.py)."""
+"""`gpt2lab serve`: an OpenAI-compatible server for a run dir, with a chat page (gpt2lab/serve)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def _port(text: str) -> int:
 
 
 def cmd_serve(args) -> int:
-    from gpt2lab.serve import serve
+    from gpt2lab.serve.app import serve
 
     serve(args.run_dir, host=args.host, port=args.port, model_name=args.model_name, api_key=args.api_key,
           cors_origins=tuple(args.cors_origin or ()), max_batch=args.max_batch, device=args.device,

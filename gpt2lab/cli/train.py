@@ -20,7 +20,7 @@ def add_config_flags(p: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()
     metadata. Defaults are None in the parser, so only flags actually given override the config file."""
     from dataclasses import MISSING, fields
 
-    from gpt2lab.config import field_types
+    from gpt2lab.train.config import field_types
 
     types = field_types(cls)
     model_group = p.add_argument_group("model architecture (the fields of GPTConfig)")
@@ -54,7 +54,7 @@ def resolve_config(args, cls):
     that were set explicitly (in the file or as flags), which a resumed run checks against its own."""
     from dataclasses import fields as dc_fields
 
-    from gpt2lab.config import build, load_config_file
+    from gpt2lab.train.config import build, load_config_file
 
     given = load_config_file(args.config, cls) if getattr(args, "config", None) else {}
     for f in dc_fields(cls):
@@ -68,12 +68,12 @@ def resolve_config(args, cls):
 
 
 def cmd_pretrain(args) -> int:
-    from gpt2lab.config import TrainConfig
-    from gpt2lab.pretrain import pretrain
+    from gpt2lab.train.config import TrainConfig
+    from gpt2lab.train.pretrain import pretrain
 
     cfg, given = resolve_config(args, TrainConfig)
     if args.dry_run:
-        from gpt2lab.plan import plan
+        from gpt2lab.train.plan import plan
 
         text = plan(cfg, processes=args.processes, gpu_memory=args.gpu_memory)
         if int(os.environ.get("RANK", "0")) == 0:  # (under torchrun: one plan, not one per process)
@@ -111,7 +111,7 @@ def cmd_plot(args) -> int:
 
 
 def register(sub) -> None:
-    from gpt2lab.config import TrainConfig
+    from gpt2lab.train.config import TrainConfig
 
     t = sub.add_parser("pretrain", help="train a GPT-2 from scratch on a data directory",
                        description="Pretrain a GPT-2. Settings come from the defaults, then --config "

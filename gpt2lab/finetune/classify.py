@@ -4,10 +4,10 @@
          -> the transformer -> hidden state of the last real token -> score -> class logits
 
 Causal attention lets the last token see the whole text, so its hidden state is the one to
-classify from (`GPTClassifier` in model.py). Padding sits after it and cannot change it, so a
+classify from (`GPTClassifier` in model/gpt.py). Padding sits after it and cannot change it, so a
 text gets the same logits alone or in a batch with longer texts.
 
-Training goes through `gpt2lab.train.Trainer` like every task: checkpoints, bitwise `--resume`,
+Training goes through the shared loop (gpt2lab.train) like every task: checkpoints, bitwise `--resume`,
 DDP, mixed precision and logging are the loop's. The data and its splits are
 classify_data.py's. What trains (`train_mode`): "all"; "last-blocks" (the last N blocks, the
 final LayerNorm and the head: the book's choice, N = 1); "head"; "lora" (adapters on the
@@ -28,6 +28,7 @@ The output run dir:
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,24 +38,26 @@ import torch.nn.functional as F
 
 from gpt2lab import checkpoint as ckpt
 from gpt2lab import io
-from gpt2lab.config import TRAIN_MODES, ClassifyConfig
-from gpt2lab.data import GlobalOrder
+from gpt2lab.checkpoint import RunInfo
+from gpt2lab.data.order import GlobalOrder
 from gpt2lab.errors import UserError
-from gpt2lab.finetune import lora as lora_mod
 from gpt2lab.finetune.classify_data import (
     SPLITS,
     Example,
     balance_classes,
-    collate,
     encode_texts,
     label_order,
     make_splits,
+    pad_texts,
     read_examples,
 )
-from gpt2lab.model import GPTClassifier, GPTConfig
-from gpt2lab.model_config import derive
-from gpt2lab.task import Task, TrainResult, model_overrides, moe_terms
-from gpt2lab.train import Trainer, run_task
+from gpt2lab.finetune.config import TRAIN_MODES, ClassifyConfig
+from gpt2lab.model import lora as lora_mod
+from gpt2lab.model.config import GPTConfig, derive
+from gpt2lab.model.gpt import GPTClassifier
+from gpt2lab.train.config import model_overrides
+from gpt2lab.train.loop import train_task
+from gpt2lab.train.task import Task, TrainResult
 
 TASK = "classify"
 RESULTS_FILE = "results.json"
@@ -97,7 +100,7 @@ def predict_proba(model: GPTClassifier, seqs: list[list[int]], pad_id: int, batc
     probs = torch.empty(len(seqs), model.num_classes)
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        idx, lengths = collate([seqs[i] for i in chunk], pad_id, device)
+        idx, lengths = pad_texts([seqs[i] for i in chunk], pad_id, device)
         probs[chunk] = F.softmax(model(idx, lengths).float(), dim=-1).cpu()
     model.train(was_training)
     return probs
@@ -140,7 +143,7 @@ class ExampleLoader:
 
     def next_batch(self):
         picks = [int(i) for i in self.order.next_indices()]
-        idx, lengths = collate([self.seqs[i] for i in picks], self.pad_id, self.device)
+        idx, lengths = pad_texts([self.seqs[i] for i in picks], self.pad_id, self.device)
         return idx, lengths, torch.tensor([self.gold[i] for i in picks], device=self.device)
 
     def state_dict(self) -> dict:
@@ -159,7 +162,7 @@ class ClassifyTask(Task):
         c = self.cfg
         return [p for p in (c.init, c.data, c.train, c.val, c.test) if p]
 
-    def load(self, trainer: Trainer) -> None:
+    def load(self) -> None:
         cfg = self.cfg
         self.base = ckpt.open_run(cfg.init, "--init")
         if self.base.kind == "classifier":
@@ -187,8 +190,9 @@ class ClassifyTask(Task):
     def seq_len(self, model_config: GPTConfig) -> int:
         return self.max_length
 
-    def model_config(self, stored: GPTConfig | None) -> GPTConfig:
-        if stored is not None:
+    def model_config(self, resumed: RunInfo | None) -> GPTConfig:
+        if resumed is not None:
+            stored = resumed.model_config
             return GPTConfig.from_dict({**stored.to_dict(), "dropout": self.cfg.dropout
                                         if self.cfg.dropout is not None else stored.dropout})
         return derive(self.base.model_config, model_overrides(self.cfg), f"--init {self.cfg.init}")
@@ -209,35 +213,36 @@ class ClassifyTask(Task):
         set_train_mode(model, cfg.train_mode, cfg.last_blocks, self._lora())
         return model
 
-    def train_loader(self, trainer: Trainer):
-        dist = trainer.dist
-        return ExampleLoader(self.seqs["train"], self.gold["train"], self.cfg.batch_size, self.pad_id,
-                             seed=self.cfg.seed, rank=dist.rank, world_size=dist.world_size, device=trainer.device)
+    def train_loader(self):
+        dist = self.ctx.dist
+        self.loader = ExampleLoader(self.seqs["train"], self.gold["train"], self.cfg.batch_size, self.pad_id,
+                                    seed=self.cfg.seed, rank=dist.rank, world_size=dist.world_size,
+                                    device=self.ctx.device)
+        return self.loader
 
     def loss(self, model, batch):
         idx, lengths, target = batch
-        loss = F.cross_entropy(model(idx, lengths).float(), target)
-        extra, metrics = moe_terms(self.trainer.model)
-        return loss + extra, metrics
+        return F.cross_entropy(model(idx, lengths).float(), target), {}
 
-    def evaluate(self, trainer: Trainer, model) -> dict:
+    def evaluate(self, model, step: int) -> dict:
         metrics = {}
         for name in SPLITS:
             probs = predict_proba(model, self.seqs[name], self.pad_id, batch_size=4 * self.cfg.batch_size)
             metrics[name] = classification_metrics(probs, self.gold[name], self.labels)
-        epoch = trainer.step / trainer.steps_per_epoch
+        ctx = self.ctx
+        epoch = step / max(1, math.ceil(self.loader.steps_per_epoch / ctx.grad_accum))
         record = {"epoch": round(epoch, 3), **{f"{k}_accuracy": metrics[k]["accuracy"] for k in SPLITS},
                   **{f"{k}_loss": metrics[k]["loss"] for k in SPLITS}}
-        self.history.append({"step": trainer.step, **record})
+        self.history.append({"step": step, **record})
         # kept: the best validation accuracy, ties broken by the lower validation loss (then the
         # earlier epoch); without a validation split, the last evaluation
         val = metrics["val"]
         key = [val["accuracy"], -val["loss"]] if val["n"] else None
         improved = key is None or self.best["key"] is None or key > self.best["key"]
         if improved:
-            self.best = {"epoch": record["epoch"], "step": trainer.step, "key": key, "metrics": metrics}
-            if self.cfg.keep_best and trainer.dist.is_main:
-                ckpt.save_weights(model, trainer.out / BEST_FILE)
+            self.best = {"epoch": record["epoch"], "step": step, "key": key, "metrics": metrics}
+            if self.cfg.keep_best and ctx.dist.is_main:
+                ckpt.save_weights(model, ctx.out / BEST_FILE)
         return {k: v for k, v in record.items() if v is not None and k != "epoch"}
 
     def state_dict(self) -> dict:
@@ -257,26 +262,27 @@ class ClassifyTask(Task):
             extra["lora"] = self._lora()
         return extra
 
-    def save_final(self, trainer: Trainer, model) -> None:
-        best = trainer.out / BEST_FILE
+    def save_final(self, model) -> None:
+        out = self.ctx.out
+        best = out / BEST_FILE
         if self.cfg.keep_best and best.is_file():
             ckpt.load_weights(model, best)
         if self._lora():
-            ckpt.save_weights(model, trainer.out / ckpt.WEIGHTS_FILE, exclude_lora=True)
-            lora_mod.save_lora(model, trainer.out / ckpt.LORA_FILE)
+            ckpt.save_weights(model, out / ckpt.WEIGHTS_FILE, exclude_lora=True)
+            ckpt.save_lora(model, out / ckpt.LORA_FILE)
         else:
-            ckpt.save_weights(model, trainer.out / ckpt.WEIGHTS_FILE)
+            ckpt.save_weights(model, out / ckpt.WEIGHTS_FILE)
         best.unlink(missing_ok=True)
 
-    def finish(self, trainer: Trainer, result: TrainResult) -> None:
+    def finish(self, result: TrainResult) -> None:
         metrics = self.best["metrics"]
-        trainable = lora_mod.count_trainable(trainer.model)
-        total = sum(p.numel() for p in trainer.model.parameters())
+        trainable = lora_mod.count_trainable(self.ctx.model)
+        total = sum(p.numel() for p in self.ctx.model.parameters())
         self.results = {f"{k}_accuracy": metrics[k]["accuracy"] for k in SPLITS}
         self.results.update(best_epoch=self.best["epoch"], labels=self.labels, sizes=self.sizes,
                             train_mode=self.cfg.train_mode, trainable_params=trainable, total_params=total,
                             per_class={k: metrics[k]["per_class"] for k in SPLITS}, history=self.history)
-        io.write_json(trainer.out / RESULTS_FILE, self.results)
+        io.write_json(self.ctx.out / RESULTS_FILE, self.results)
 
 
 def _load_splits(cfg: ClassifyConfig) -> tuple[dict[str, list[Example]], dict]:
@@ -327,8 +333,8 @@ class ClassifyResult:
 
 
 def finetune_classifier(cfg: ClassifyConfig, given: dict | None = None) -> ClassifyResult:
-    task = ClassifyTask(cfg)
-    result = run_task(cfg, task, given)
+    result = train_task(cfg, ClassifyTask, given)
+    task = result.task
     r = getattr(task, "results", None) or io.read_json(Path(result.run_dir) / RESULTS_FILE)
     return ClassifyResult(result.run_dir, r["labels"], r["sizes"], r["best_epoch"],
                           task.best["metrics"] if task.best["metrics"] else {}, r["history"],
@@ -340,8 +346,8 @@ def finetune_classifier(cfg: ClassifyConfig, given: dict | None = None) -> Class
 
 def load_classifier(run_dir: str | Path, device="cpu"):
     """(model, tokenizer, labels, head) of a classifier run dir."""
-    model, tokenizer = ckpt.load_run(run_dir, device=device, kind="classifier")
     info = ckpt.open_run(run_dir)
+    model, tokenizer = info.load(device, kind="classifier")
     return model, tokenizer, info.labels, info.head
 
 

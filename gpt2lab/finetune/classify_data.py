@@ -203,7 +203,7 @@ def encode_texts(tokenizer, texts: list[str], max_length: int) -> list[list[int]
     return [(tokenizer.encode(t) or [eot])[:max_length] for t in texts]
 
 
-def collate(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_texts(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad to the longest in the batch: (B, T) ids and (B,) lengths."""
     T = max(len(s) for s in seqs)
     idx = torch.full((len(seqs), T), pad_id, dtype=torch.long)

@@ -25,8 +25,16 @@ import random
 from pathlib import Path
 
 import torch
+import yaml
 
+from gpt2lab import io
 from gpt2lab.errors import UserError
+from gpt2lab.evals.checkable import get_task
+from gpt2lab.finetune.sft import encode_record, pad_examples
+from gpt2lab.generate import stream
+from gpt2lab.templates import EOT_TEXT, encode_messages, get_format, record_messages, render_messages
+from gpt2lab.text import cut_at_stop, with_thinking
+from gpt2lab.train.task import lm_loss
 
 WORDS = (
     "apple river garden window yellow silver castle market winter summer pencil candle forest "
@@ -74,10 +82,6 @@ def synthetic_tasks(n: int, seed: int = 0) -> list[dict]:
 def qa_records(source: str | os.PathLike) -> list[dict]:
     """Instruction records from the Q/A files of a folder: chatterbot/*.yml, gsm8k_test.jsonl.gz,
     squad_val_1000.jsonl.gz (the layout of the offline Q/A collection the README names)."""
-    import yaml
-
-    from gpt2lab import io
-
     source = Path(source)
     if not source.is_dir():
         raise UserError(f"--source {source} is not a directory of Q/A material; pass a folder holding "
@@ -122,8 +126,6 @@ def build_instruction_set(out_dir: str | os.PathLike, source: str | os.PathLike 
                           overwrite: bool = False) -> dict:
     """Write train.jsonl and heldout.jsonl (and instructions.json, which describes them) into a new
     directory; return their sizes per task."""
-    from gpt2lab import io
-
     if isinstance(synthetic, bool) or not isinstance(synthetic, int) or synthetic < 0:
         raise UserError(f"--synthetic must be an integer >= 0, got {synthetic!r}")
     if not 0 < heldout_fraction < 1:
@@ -167,14 +169,10 @@ def build_instruction_set(out_dir: str | os.PathLike, source: str | os.PathLike 
 
 def build_task_set(out_dir: str | os.PathLike, task: str, count: int, difficulty: int = 1, think: bool = False,
                    heldout: int = 200, seed: int = 0, overwrite: bool = False) -> dict:
-    """Chat records of a built-in checkable task (gpt2lab.rl_tasks): `count` distinct train records from its
+    """Chat records of a built-in checkable task (gpt2lab.evals.checkable): `count` distinct train records from its
     train stream and `heldout` from its held-out set (never in train), each answer with its worked steps in
     a <think> section when `think`; and train.txt, the train records as text (one conversation a document).
     For pretraining and SFT before RL, and to measure them."""
-    from gpt2lab import io
-    from gpt2lab.rl_tasks import get_task
-    from gpt2lab.templates import EOT_TEXT, render_messages, with_thinking
-
     if count < 1:
         raise UserError(f"--synthetic must be at least 1 with --task, got {count}")
     t = get_task(task, difficulty)
@@ -220,11 +218,6 @@ CHECKABLE = ("add", "reverse", "count", "replace")
 def score_sft(model, tokenizer, records: list[dict], fmt="alpaca", max_new_tokens: int = 32,
               limit: int | None = None) -> dict:
     """Response loss, exact match on checkable tasks, clean-stop rate; per task and overall."""
-    from gpt2lab.finetune.sft import collate, encode_record
-    from gpt2lab.generate import stream
-    from gpt2lab.task import lm_loss
-    from gpt2lab.templates import encode_messages, get_format, record_messages
-
     fmt = get_format(fmt) if not hasattr(fmt, "segments") else fmt
     model.eval()
     device = next(model.parameters()).device
@@ -237,7 +230,7 @@ def score_sft(model, tokenizer, records: list[dict], fmt="alpaca", max_new_token
         s["n"] += 1
         enc = encode_record(r, fmt, tokenizer, block - 1)
         if enc is not None:  # an answer that does not fit in the context has no loss
-            x, y = collate([enc], tokenizer.eot_id, device)
+            x, y = pad_examples([enc], tokenizer.eot_id, device)
             s["loss"] += lm_loss(model(x), y).item()
             s["scored"] += 1
         messages = [m for m in record_messages(r) if m["role"] != "assistant"]
@@ -246,11 +239,9 @@ def score_sft(model, tokenizer, records: list[dict], fmt="alpaca", max_new_token
         # greedy, to the token limit, so that a clean stop (eot or the format's stop text) can be seen
         ids = list(stream(model, prompt, room, temperature=0))
         stop_at = ids.index(tokenizer.eot_id) if tokenizer.eot_id in ids else len(ids)
-        text = tokenizer.decode(ids[:stop_at])
-        cut = min([text.find(t) for t in fmt.stop if t in text], default=-1)
-        if cut >= 0:
-            text = text[:cut]
-        s["clean"] += stop_at < len(ids) or cut >= 0
+        whole = tokenizer.decode(ids[:stop_at])
+        text = cut_at_stop(whole, fmt.stop)
+        s["clean"] += stop_at < len(ids) or text != whole
         s["correct"] += text.strip() == r["output"].strip()
     table = {}
     total = {"n": 0, "scored": 0, "loss": 0.0, "correct": 0, "clean": 0}

@@ -20,32 +20,53 @@ held-out prompts never trained on.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from gpt2lab import checkpoint as ckpt
-from gpt2lab.config import RLConfig
-from gpt2lab.data import GlobalOrder
+from gpt2lab.checkpoint import RunInfo
+from gpt2lab.data.order import GlobalOrder
 from gpt2lab.errors import UserError
+from gpt2lab.evals.checkable import CheckableTask, FileTask, answer_text, get_task, score_task
+from gpt2lab.finetune.config import RLConfig
 from gpt2lab.generate import generate_group
-from gpt2lab.model import GPT, GPTConfig
-from gpt2lab.model_config import derive
-from gpt2lab.rl_tasks import FileTask, Task, answer_text, get_task, score_task
-from gpt2lab.task import Task as LoopTask
-from gpt2lab.task import model_overrides
+from gpt2lab.model.config import GPTConfig, derive
+from gpt2lab.model.gpt import GPT
 from gpt2lab.templates import encode_messages, get_format
-from gpt2lab.train import Trainer, run_task
+from gpt2lab.train.config import model_overrides
+from gpt2lab.train.loop import train_task
+from gpt2lab.train.task import Task
+
+
+@dataclass
+class PromptBatch:
+    """One micro-batch of RL: this process's prompts, the seed to sample their answers with, which
+    micro-batch of the optimizer step it is, and whether to sample (`fresh`) or to reuse the answers
+    sampled for that micro-batch earlier (--updates-per-batch > 1: then `records` is None)."""
+
+    records: list[dict] | None
+    seed: int
+    slot: int = 0
+    fresh: bool = True
 
 
 class PromptLoader:
     """Micro-batches of prompt records in the one global order: a built-in task's endless train stream, or a
-    file's records shuffled per epoch. Rank r takes its slice of each micro-step's batch_size x W prompts."""
+    file's records shuffled per epoch. Rank r takes its slice of each micro-step's batch_size x W prompts.
 
-    def __init__(self, task: Task, batch_size: int, seed: int, rank: int, world_size: int):
-        self.task, self.batch_size = task, batch_size
+    With --updates-per-batch U, the answers sampled in one optimizer step serve U steps: the micro-batches
+    of the next U - 1 steps take no prompts and reuse them. The sampling seed is a function of the run's
+    seed, the step, the micro-batch and the rank, so a resumed run draws exactly the same answers."""
+
+    def __init__(self, task: CheckableTask, batch_size: int, seed: int, rank: int, world_size: int,
+                 grad_accum: int = 1, updates_per_batch: int = 1):
+        self.task, self.batch_size, self.seed = task, batch_size, seed
         self.rank, self.world_size = rank, world_size
+        self.grad_accum, self.updates_per_batch = grad_accum, updates_per_batch
+        self.micro = 0  # micro-batches taken, over the whole run
         if isinstance(task, FileTask):
             self.order = GlobalOrder(len(task.records), batch_size, seed=seed, rank=rank, world_size=world_size)
         else:
@@ -54,31 +75,40 @@ class PromptLoader:
 
     @property
     def steps_per_epoch(self) -> int:
-        return self.order.steps_per_epoch if self.order is not None else 10**9
+        return self.order.steps_per_epoch * self.updates_per_batch if self.order is not None else 10**9
 
     def _record(self, i: int) -> dict:
         while len(self.made) <= i:
             self.made.append(next(self.stream))
         return self.made[i]
 
-    def next_batch(self) -> list[dict]:
+    def _records(self) -> list[dict]:
         if self.order is not None:
             return [self.task.records[int(i)][1] for i in self.order.next_indices()]
         first = self.position + self.rank * self.batch_size
         self.position += self.batch_size * self.world_size
         return [self._record(i) for i in range(first, first + self.batch_size)]
 
+    def next_batch(self) -> PromptBatch:
+        step, slot = divmod(self.micro, self.grad_accum)
+        fresh = step % self.updates_per_batch == 0
+        seed = (self.seed * 1_000_003 + step * 1009 + self.rank * 101 + slot + 1) % 2**63
+        self.micro += 1
+        return PromptBatch(self._records() if fresh else None, seed, slot, fresh)
+
     def state_dict(self) -> dict:
-        return self.order.state_dict() if self.order is not None else {"position": self.position}
+        state = self.order.state_dict() if self.order is not None else {"position": self.position}
+        return {**state, "micro": self.micro}
 
     def load_state_dict(self, state: dict) -> None:
         if self.order is not None:
             self.order.load_state_dict(state, "prompts file")
         else:
             self.position = int(state["position"])
+        self.micro = int(state.get("micro", 0))
 
 
-class RLTask(LoopTask):
+class RLTask(Task):
     name = "rl"
     cfg: RLConfig
 
@@ -86,7 +116,7 @@ class RLTask(LoopTask):
         return [p for p in (self.cfg.init, self.cfg.prompts, self.cfg.reward.rpartition(":")[0]
                             if self.cfg.reward else None) if p]
 
-    def load(self, trainer: Trainer) -> None:
+    def load(self) -> None:
         cfg = self.cfg
         self.base = ckpt.open_run(cfg.init, "--init")
         if self.base.kind != "lm":
@@ -107,11 +137,11 @@ class RLTask(LoopTask):
             identity = {"prompts": str(Path(cfg.prompts).resolve()), "reward": cfg.reward,
                         "records": len(self.rl_task.records)}
         self.data_identity = identity
-        self.rollout: dict | None = None  # samples kept for --updates-per-batch > 1
+        self.rollouts: dict[int, dict] = {}  # each micro-batch slot's samples, kept for --updates-per-batch > 1
 
-    def model_config(self, stored: GPTConfig | None) -> GPTConfig:
-        if stored is not None:
-            return stored
+    def model_config(self, resumed: RunInfo | None) -> GPTConfig:
+        if resumed is not None:
+            return resumed.model_config
         return derive(self.base.model_config, model_overrides(self.cfg), f"--init {self.cfg.init}")
 
     def build_model(self, model_config: GPTConfig, resuming: bool) -> torch.nn.Module:
@@ -127,10 +157,11 @@ class RLTask(LoopTask):
     def seq_len(self, model_config: GPTConfig) -> int:
         return min(model_config.block_size, self.cfg.max_new_tokens)
 
-    def train_loader(self, trainer: Trainer):
-        self.reference.to(trainer.device)
-        return PromptLoader(self.rl_task, self.cfg.batch_size, self.cfg.seed, trainer.dist.rank,
-                            trainer.dist.world_size)
+    def train_loader(self):
+        ctx = self.ctx
+        self.reference.to(ctx.device)
+        return PromptLoader(self.rl_task, self.cfg.batch_size, self.cfg.seed, ctx.dist.rank, ctx.dist.world_size,
+                            ctx.grad_accum, self.cfg.updates_per_batch)
 
     # -------------------------------------------------------------- sampling and the loss
 
@@ -139,19 +170,13 @@ class RLTask(LoopTask):
                                add_generation_prompt=True)[0]
 
     @torch.no_grad()
-    def _sample(self, batch: list[dict]) -> dict:
+    def _sample(self, records: list[dict], seed: int) -> dict:
         """Each prompt's group of answers, their rewards and advantages."""
-        cfg, trainer = self.cfg, self.trainer
-        model, block = trainer.model, trainer.model_config.block_size
-        # the sampling seed: a function of the run's seed, the step and the micro-batch (a resumed run draws the
-        # same answers)
-        if getattr(self, "_step_seen", None) != trainer.step:
-            self._step_seen, self._micro = trainer.step, 0
-        self._micro += 1
-        seed = (cfg.seed * 1_000_003 + trainer.step * 1009 + trainer.dist.rank * 101 + self._micro) % 2**63
-        gen = torch.Generator(device=trainer.device).manual_seed(seed)
+        cfg, ctx = self.cfg, self.ctx
+        model, block = ctx.model, ctx.model_config.block_size
+        gen = torch.Generator(device=ctx.device).manual_seed(seed)
         prompts, samples, rewards = [], [], []
-        for record in batch:
+        for record in records:
             ids = self.prompt_ids(record)[-(block - 1):]
             room = min(cfg.max_new_tokens, block - len(ids))
             group = generate_group(model, ids, cfg.group_size, room, cfg.temperature, generator=gen,
@@ -161,12 +186,13 @@ class RLTask(LoopTask):
             rewards.append([self.rl_task.reward(record, answer_text(self.tokenizer, self.format, s)) for s in group])
         return {"prompts": prompts, "samples": samples, "rewards": rewards, "old_logp": None}
 
-    def loss(self, model, batch):
+    def loss(self, model, batch: PromptBatch):
         cfg = self.cfg
-        if cfg.updates_per_batch == 1 or self.rollout is None or self.trainer.step % cfg.updates_per_batch == 0:
-            self.rollout = self._sample(batch)
-        ro = self.rollout
-        device = self.trainer.device
+        if batch.fresh or batch.slot not in self.rollouts:
+            self.rollouts = {} if batch.slot == 0 else self.rollouts
+            self.rollouts[batch.slot] = self._sample(batch.records, batch.seed)
+        ro = self.rollouts[batch.slot]
+        device = self.ctx.device
         rewards = torch.tensor(ro["rewards"], dtype=torch.float32)  # (P, G)
         adv = rewards - rewards.mean(dim=1, keepdim=True)
         if cfg.scale_advantages:
@@ -216,16 +242,16 @@ class RLTask(LoopTask):
 
     # -------------------------------------------------------------- evaluation and the run dir
 
-    def evaluate(self, trainer: Trainer, model) -> dict:
+    def evaluate(self, model, step: int) -> dict:
         result = score_task(model, self.tokenizer, self.format, self.rl_task, self.eval_records,
                             max_new_tokens=self.cfg.max_new_tokens)
         return {"val_pass_at_1": result["pass_at_1"], "val_reward": result["mean_reward"]}
 
     def state_dict(self) -> dict:
-        return {"rollout": self.rollout if self.cfg.updates_per_batch > 1 else None}
+        return {"rollouts": self.rollouts if self.cfg.updates_per_batch > 1 else {}}
 
     def load_state_dict(self, state: dict) -> None:
-        self.rollout = state.get("rollout")
+        self.rollouts = {int(k): v for k, v in (state.get("rollouts") or {}).items()}
 
     def run_config(self) -> dict:
         extra = {"base": {"run_dir": str(Path(self.cfg.init).resolve())}, "rl": self.data_identity}
@@ -235,5 +261,5 @@ class RLTask(LoopTask):
 
 
 def finetune_rl(cfg: RLConfig, given: dict | None = None):
-    return run_task(cfg, RLTask(cfg), given)
+    return train_task(cfg, RLTask, given)
 

@@ -22,63 +22,25 @@ and `output`; or chat JSONL, `{"messages": [{"role": "user"|"assistant"|"system"
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import torch
 
 from gpt2lab import checkpoint as ckpt
-from gpt2lab import io
-from gpt2lab.config import SFTConfig
-from gpt2lab.data import GlobalOrder
+from gpt2lab.checkpoint import RunInfo
+from gpt2lab.data.order import GlobalOrder
+from gpt2lab.data.records import read_instructions
 from gpt2lab.errors import UserError
-from gpt2lab.model import GPT, GPTConfig
-from gpt2lab.model_config import derive
-from gpt2lab.task import IGNORE_INDEX, Task, held_out_mean, lm_loss, model_overrides, moe_terms
+from gpt2lab.finetune.config import SFTConfig
+from gpt2lab.model.config import GPTConfig, derive
+from gpt2lab.model.gpt import GPT
+from gpt2lab.model.lora import apply_lora
 from gpt2lab.templates import encode_messages, record_messages
-from gpt2lab.train import Trainer, run_task
+from gpt2lab.train.config import model_overrides
+from gpt2lab.train.loop import train_task
+from gpt2lab.train.task import IGNORE_INDEX, Task, held_out_mean, lm_loss
 
 # ------------------------------------------------------------------------------ records
-
-
-def read_records(path: str | os.PathLike) -> list[dict]:
-    """Alpaca records or chat records from a .json (list) or .jsonl file, each one checked."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"instruction data {path} does not exist; check the path")
-    found = io.read_records(path, "instruction data file")
-    if not found:
-        raise UserError(f"{path} holds no records; expected a list of {{instruction, input, output}} "
-                        "or chat objects with `messages`")
-    for where, r in found:
-        problem = record_problem(r)
-        if problem:
-            raise UserError(f"{where} {problem}; each record needs text `instruction` and `output` (and "
-                            "optionally `input`) for Alpaca, or `messages` of {role, content} for chat")
-    return [r for _, r in found]
-
-
-def record_problem(r) -> str | None:
-    if not isinstance(r, dict):
-        return f"is {type(r).__name__}, not an object"
-    if "messages" in r:
-        msgs = r["messages"]
-        if not isinstance(msgs, list) or not msgs:
-            return "has `messages` that is not a non-empty list"
-        for m in msgs:
-            ok = isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") \
-                and isinstance(m.get("content"), str)
-            if not ok:
-                return f"has a message {str(m)[:80]} without a system/user/assistant `role` and text `content`"
-        if not any(m["role"] == "assistant" for m in msgs):
-            return "has no assistant message to learn from"
-        return None
-    if not {"instruction", "output"} <= set(r):
-        return f"has fields {sorted(r)}"
-    for key in ("instruction", "output", "input"):
-        if key in r and r[key] is not None and not isinstance(r[key], str):
-            return f"has a `{key}` that is {type(r[key]).__name__}, not text"
-    return None
 
 
 def encode_record(record: dict, fmt, tokenizer, max_length: int) -> tuple[list[int], list[bool]] | None:
@@ -116,7 +78,7 @@ class SFTLoader:
         return self.order.position
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return collate([self.examples[int(i)] for i in self.order.next_indices()], self.pad_id, self.device)
+        return pad_examples([self.examples[int(i)] for i in self.order.next_indices()], self.pad_id, self.device)
 
     def state_dict(self) -> dict:
         return self.order.state_dict()
@@ -125,7 +87,7 @@ class SFTLoader:
         self.order.load_state_dict(state, "instruction data (with this --val-fraction)")
 
 
-def collate(batch: list[tuple[list[int], list[bool]]], pad_id: int,
+def pad_examples(batch: list[tuple[list[int], list[bool]]], pad_id: int,
             device) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad to the longest sequence; x = ids[:-1], y = ids[1:] with untrained targets masked."""
     T = max(len(ids) for ids, _ in batch) - 1
@@ -150,7 +112,7 @@ class SFTTask(Task):
     def inputs(self) -> list[str]:
         return [p for p in (self.cfg.init, self.cfg.data, self.cfg.val_data) if p]
 
-    def load(self, trainer: Trainer) -> None:
+    def load(self) -> None:
         cfg = self.cfg
         self.base = ckpt.open_run(cfg.init, "--init")
         if self.base.kind != "lm":
@@ -158,11 +120,11 @@ class SFTTask(Task):
         self.tokenizer = ckpt.load_tokenizer(self.base)
         if self.tokenizer.eot_id is None:
             raise UserError(f"the tokenizer of --init {cfg.init} has no <|endoftext|> token to end answers with")
-        records = read_records(cfg.data)
+        records = read_instructions(cfg.data)
         # the chat format can render Alpaca records as user/assistant turns; the alpaca one cannot render chats
         self.format = "chat" if any("messages" in r for r in records) else cfg.template
         if cfg.val_data:
-            train_records, val_records = records, read_records(cfg.val_data)
+            train_records, val_records = records, read_instructions(cfg.val_data)
         else:
             # a deterministic held-out share: every k-th record
             k = int(round(1 / cfg.val_fraction)) if cfg.val_fraction > 0 else 0
@@ -173,8 +135,9 @@ class SFTTask(Task):
         self.data_identity = {"path": str(Path(cfg.data).resolve()), "sha256": digest,
                               "train_records": len(train_records), "val_records": len(val_records)}
 
-    def model_config(self, stored: GPTConfig | None) -> GPTConfig:
-        if stored is not None:
+    def model_config(self, resumed: RunInfo | None) -> GPTConfig:
+        if resumed is not None:
+            stored = resumed.model_config
             return GPTConfig.from_dict({**stored.to_dict(), "dropout": self.cfg.dropout
                                         if self.cfg.dropout is not None else stored.dropout})
         return derive(self.base.model_config, model_overrides(self.cfg), f"--init {self.cfg.init}")
@@ -185,39 +148,36 @@ class SFTTask(Task):
             start, _ = ckpt.load_run(self.cfg.init, kind="lm", flag="--init")
             model.load_state_dict(start.state_dict())
         if self.cfg.lora_rank:
-            from gpt2lab.finetune.lora import apply_lora
-
             targets = tuple(t.strip() for t in self.cfg.lora_targets.split(",") if t.strip())
             apply_lora(model, rank=self.cfg.lora_rank, alpha=self.cfg.lora_alpha, dropout=self.cfg.lora_dropout,
                        targets=targets)
         return model
 
-    def train_loader(self, trainer: Trainer):
-        cfg, dist = self.cfg, trainer.dist
+    def train_loader(self):
+        cfg, ctx = self.cfg, self.ctx
+        dist = ctx.dist
         encode = lambda rs: [e for r in rs if (e := encode_record(r, self.format, self.tokenizer,
-                                                                  trainer.seq_len)) is not None]
+                                                                  ctx.seq_len)) is not None]
         train_examples, val_examples = encode(self.records[0]), encode(self.records[1])
         train = SFTLoader(train_examples, cfg.batch_size, self.tokenizer.eot_id, seed=cfg.seed,
-                          rank=dist.rank, world_size=dist.world_size, device=trainer.device)
+                          rank=dist.rank, world_size=dist.world_size, device=ctx.device)
         if val_examples:  # the same batches on every process (each evaluates its share)
             val = SFTLoader(val_examples, cfg.batch_size, self.tokenizer.eot_id, shuffle=False,
-                            device=trainer.device)
+                            device=ctx.device)
             n = min(cfg.eval_batches, val.steps_per_epoch)
             self.val_batches = [val.next_batch() for _ in range(n)]
         else:  # no held-out data: a fixed training batch
             fixed = SFTLoader(train_examples, cfg.batch_size, self.tokenizer.eot_id, shuffle=False,
-                              device=trainer.device)
+                              device=ctx.device)
             self.val_batches = [fixed.next_batch()]
         return train
 
     def loss(self, model, batch):
         x, y = batch
-        loss = lm_loss(model(x), y)
-        extra, metrics = moe_terms(self.trainer.model)
-        return loss + extra, metrics
+        return lm_loss(model(x), y), {}
 
-    def evaluate(self, trainer: Trainer, model) -> dict:
-        return {"val_loss": held_out_mean(trainer, self.val_batches, lambda b: lm_loss(model(b[0]), b[1]))}
+    def evaluate(self, model, step: int) -> dict:
+        return {"val_loss": held_out_mean(self.ctx, self.val_batches, lambda b: lm_loss(model(b[0]), b[1]))}
 
     def run_config(self) -> dict:
         extra = {"template": self.format, "base": {"run_dir": str(Path(self.cfg.init).resolve())}}
@@ -229,15 +189,14 @@ class SFTTask(Task):
                              "dropout": float(self.cfg.lora_dropout), "targets": targets}
         return extra
 
-    def save_final(self, trainer: Trainer, model) -> None:
+    def save_final(self, model) -> None:
+        out = self.ctx.out
         if self.cfg.lora_rank:
-            from gpt2lab.finetune.lora import save_lora
-
-            ckpt.save_weights(model, trainer.out / ckpt.WEIGHTS_FILE, exclude_lora=True)
-            save_lora(model, trainer.out / ckpt.LORA_FILE)
+            ckpt.save_weights(model, out / ckpt.WEIGHTS_FILE, exclude_lora=True)
+            ckpt.save_lora(model, out / ckpt.LORA_FILE)
         else:
-            ckpt.save_weights(model, trainer.out / ckpt.WEIGHTS_FILE)
+            ckpt.save_weights(model, out / ckpt.WEIGHTS_FILE)
 
 
 def finetune_sft(cfg: SFTConfig, given: dict | None = None):
-    return run_task(cfg, SFTTask(cfg), given)
+    return train_task(cfg, SFTTask, given)

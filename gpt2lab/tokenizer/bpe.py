@@ -31,6 +31,7 @@ from pathlib import Path
 
 import regex
 
+from gpt2lab import io
 from gpt2lab.errors import UserError
 
 # GPT-2's pre-tokenisation pattern, from OpenAI's encoder.py.
@@ -285,8 +286,6 @@ class BPETokenizer:
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write `tokenizer.json` into `directory` (atomically)."""
-        from gpt2lab import io
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / TOKENIZER_FILE

@@ -32,7 +32,9 @@ from pathlib import Path
 
 import regex
 
+from gpt2lab import io
 from gpt2lab.errors import UserError
+from gpt2lab.metrics import progress as progress_bar
 from gpt2lab.sources import ReadStats, expand_inputs, iter_pieces
 from gpt2lab.tokenizer.bpe import EOT, GPT2_PATTERN, BPETokenizer, bytes_to_token
 
@@ -129,8 +131,6 @@ def _learn_merges(word_counts: Counter, n_merges: int, stats: TrainStats,
 
     bar = None
     if progress and n_merges > 0:
-        from gpt2lab.metrics import progress as progress_bar
-
         bar = progress_bar(total=n_merges, desc="merges", unit="merge", mininterval=0.5, leave=False)
     try:
         while len(merges) < n_merges:
@@ -269,8 +269,6 @@ def train_bpe(inputs: list[str], vocab_size: int, *, name: str = "custom", text_
 
 
 def _chars_bar(texts: Iterable[str], total: int | None) -> Iterator[str]:
-    from gpt2lab.metrics import progress as progress_bar
-
     with progress_bar(total=total, desc="reading", unit="char", unit_scale=True, mininterval=0.5,
               leave=False) as bar:
         for t in texts:
@@ -284,7 +282,6 @@ def train_bpe_to_dir(inputs: list[str], out: str | os.PathLike, *, vocab_size: i
     """Train, then write `out/tokenizer.json` and print a one-line summary."""
     check_vocab_size(vocab_size)
     out = Path(out)
-    from gpt2lab import io
 
     io.check_output_dir(out, "tokenizer", overwrite=overwrite, flag="--out", inputs=list(inputs))
     if name is None:

@@ -1,0 +1,392 @@
+"""Continuous batching: many requests share each decoding step of one model.
+
+`Scheduler` owns the model in one worker thread. Requests (`Job`s: a prompt, settings, `n` choices)
+are submitted from any thread; every choice becomes a *row*. Between two steps rows join and leave:
+
+    loop:
+        take new jobs; drop the rows and waiting jobs of cancelled ones (a client went away)
+        admit waiting jobs (first come, first served) while the batch has room: each gets a prefill row
+        decode: one token for every decoding row, through the model, sampled per row (its own
+            temperature, top-k, top-p and random generator), turned into text (UTF-8 safe, stop strings
+            cut) and handed to the job's sink
+        prefill: at most `prefill_chunk` prompt tokens of the prefilling rows, oldest first, through the
+            model into their rows of the cache; a prompt that is complete samples its first token(s) and
+            its row (copied n times for n choices) joins the decoding rows
+        remove finished rows
+
+The cache layout (gpt2lab.model.cache): two caches of up to `max_batch` rows, one for decoding rows and
+one for prefilling rows, each row holding its own tokens from slot 0 at its own length. The cache gives
+the forward each row's positions and the mask that hides the slots past its end, so a row sees exactly
+what it would see alone: its greedy output is the output of `gpt2lab generate --temperature 0`, whatever
+else is in the batch (up to float rounding of batched matmuls, which never changed a token in the tests).
+Nothing is rebuilt when rows join or leave: a joining prompt is prefilled into a row of its own, a
+finished prompt's row is copied once into the decoding cache, and a leaving row's place is taken by the
+last decoding row (one row's copy). A long prompt is spread over steps, `prefill_chunk` tokens at a time,
+so no running stream waits for more than one chunk. The caches grow in chunks of slots as rows write,
+never past the model's context. `max_batch=1` serves one choice at a time (the baseline of
+bench/serve.py).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+
+import torch
+
+from gpt2lab.errors import UserError
+from gpt2lab.generate import check_settings, sample_next
+from gpt2lab.model.cache import KVCache
+from gpt2lab.model.gpt import GPT
+from gpt2lab.serve.jobs import Busy, Event, Failed, Finish, Job, PromptLogprobs, Row, Text, TokenInfo, prompt_logprobs
+
+__all__ = ["Busy", "Event", "Failed", "Finish", "Job", "PromptLogprobs", "Scheduler", "Text", "TokenInfo"]
+
+GROW = 128  # cache slots added at a time as the rows write
+PREFILL_CHUNK = 512  # prompt tokens prefilled per step, all prefilling rows together
+
+
+class _Prefill:
+    """A job whose prompt is being written into its row of the prefill cache."""
+
+    def __init__(self, job: Job):
+        self.job, self.fed = job, 0
+        self.prompt_infos: list[TokenInfo] = [TokenInfo(job.prompt[0])]
+
+
+class Scheduler:
+    """Continuous batching of `Job`s on one model, in a worker thread (see the module's docstring).
+
+        scheduler = Scheduler(model, tokenizer, max_batch=32)
+        scheduler.start()
+        scheduler.submit(Job(prompt_ids, sink=events.put, max_new_tokens=50, temperature=0))
+        ...
+        scheduler.close()
+    """
+
+    def __init__(self, model: GPT, tokenizer, max_batch: int = 32, max_waiting: int = 1024,
+                 prefill_chunk: int = PREFILL_CHUNK):
+        if max_batch < 1:
+            raise UserError(f"max_batch must be at least 1, got {max_batch}")
+        if prefill_chunk < 1:
+            raise UserError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.config = model.config
+        self.block = model.config.block_size
+        self.device = model.transformer.wte.weight.device
+        self.eot = tokenizer.eot_id
+        self.max_batch, self.max_waiting, self.prefill_chunk = max_batch, max_waiting, prefill_chunk
+        self._lock = threading.Condition()
+        self._inbox: list[Job] = []
+        self._waiting: deque[Job] = deque()
+        self._rows: list[Row] = []  # decoding rows, row i in slot i of the decode cache
+        self._prefills: list[_Prefill] = []  # prefilling jobs, entry i in slot i of the prefill cache
+        self._decode_cache = KVCache(self.config, max_batch, max_len=min(GROW, self.block), device=self.device)
+        self._prefill_cache = KVCache(self.config, max_batch, max_len=min(GROW, self.block), device=self.device)
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self.counters = {"steps": 0, "tokens": 0, "jobs": 0, "cancelled": 0, "failed": 0, "max_rows": 0,
+                         "prefill_tokens": 0}
+
+    # ----------------------------------------------------------------------------- public side
+
+    def start(self) -> Scheduler:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="gpt2lab-batching", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the worker; jobs still waiting or running get `Failed`."""
+        with self._lock:
+            self._closing = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def submit(self, job: Job) -> Job:
+        """Queue a job (thread-safe). Raises UserError when its settings are unusable or the queue is full."""
+        check_settings(job.max_new_tokens, job.temperature, job.top_k, job.top_p)
+        if not job.prompt:
+            raise UserError("the prompt is empty; start it with the <|endoftext|> id")
+        if any(not 0 <= i < self.config.vocab_size for i in job.prompt):
+            raise UserError(f"the prompt holds a token id outside the model's vocabulary of {self.config.vocab_size}")
+        if len(job.prompt) + job.max_new_tokens > self.block:
+            raise UserError(f"the prompt ({len(job.prompt)} tokens) plus max_new_tokens ({job.max_new_tokens}) "
+                            f"exceeds the context of {self.block} tokens")
+        if not 1 <= job.n <= self.max_batch:
+            raise UserError(f"n must be between 1 and {self.max_batch} (the server's batch size), got {job.n}")
+        with self._lock:
+            if self._closing:
+                raise Busy("the server is shutting down")
+            if len(self._inbox) + len(self._waiting) >= self.max_waiting:
+                raise Busy(f"the server is busy ({self.max_waiting} requests waiting); try again later")
+            job.submitted = time.monotonic()
+            self._inbox.append(job)
+            self._lock.notify_all()
+        return job
+
+    def stats(self) -> dict:
+        """Rows decoding now, jobs waiting, and counters since the start (read without locking)."""
+        return {"active": len(self._rows), "prefilling": len(self._prefills),
+                "waiting": len(self._waiting) + len(self._inbox), "max_batch": self.max_batch, **self.counters}
+
+    # ----------------------------------------------------------------------------- worker side
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._lock:
+                    while not (self._closing or self._inbox or self._waiting or self._rows or self._prefills):
+                        self._lock.wait()
+                    if self._closing:
+                        break
+                    self._waiting.extend(self._inbox)
+                    self._inbox.clear()
+                self._step()
+        self._fail_all("the server is shutting down", waiting=True)
+
+    def _step(self) -> None:
+        self._drop_cancelled()
+        self._admit()
+        if self._rows:
+            try:
+                self._decode()
+            except Exception as e:  # noqa: BLE001 - a failed step fails its rows, never the server
+                self._fail_rows(f"generation failed: {type(e).__name__}: {e}")
+        if self._prefills:
+            try:
+                self._prefill()
+            except Exception as e:  # noqa: BLE001 - a failed prefill fails its jobs; the running rows go on
+                self._fail_prefills(f"generation failed: {type(e).__name__}: {e}")
+        self._remove_finished()
+
+    def _emit(self, job: Job, event: Event) -> None:
+        try:
+            job.sink(event)
+        except Exception:  # noqa: BLE001 - the receiver is gone (its event loop closed): stop its job
+            job.cancelled = True
+
+    def _fail_rows(self, message: str) -> None:
+        for job in {id(r.job): r.job for r in self._rows}.values():
+            self.counters["failed"] += 1
+            self._emit(job, Failed(message))
+        for r in self._rows:
+            r.done = r.job.cancelled = True
+
+    def _fail_prefills(self, message: str) -> None:
+        for p in self._prefills:
+            self.counters["failed"] += 1
+            self._emit(p.job, Failed(message))
+        self._prefills = []
+        self._prefill_cache.reset()
+
+    def _fail_all(self, message: str, waiting: bool = False) -> None:
+        self._fail_rows(message)
+        self._fail_prefills(message)
+        if waiting:
+            with self._lock:
+                self._waiting.extend(self._inbox)
+                self._inbox.clear()
+            for job in self._waiting:
+                self.counters["failed"] += 1
+                self._emit(job, Failed(message))
+            self._waiting.clear()
+        self._remove_finished()
+
+    def _drop_cancelled(self) -> None:
+        gone = [j for j in self._waiting if j.cancelled]
+        if gone:
+            self._waiting = deque(j for j in self._waiting if not j.cancelled)
+        dropped = {id(j) for j in gone}
+        for r in self._rows:
+            if r.job.cancelled and not r.done:
+                r.done = True
+                dropped.add(id(r.job))
+        keep = [i for i, p in enumerate(self._prefills) if not p.job.cancelled]
+        if len(keep) < len(self._prefills):
+            dropped.update(id(p.job) for p in self._prefills if p.job.cancelled)
+            self._keep_prefills(keep)
+        self.counters["cancelled"] += len(dropped)
+
+    # admission and prefill ----------------------------------------------------------------
+
+    def _admit(self) -> None:
+        """Waiting jobs (first come, first served) get a prefill row while the batch has room for their
+        choices."""
+        rows = len(self._rows) + sum(p.job.n for p in self._prefills)
+        while self._waiting and rows + self._waiting[0].n <= self.max_batch:
+            job = self._waiting.popleft()
+            self._prefills.append(_Prefill(job))
+            rows += job.n
+            self.counters["jobs"] += 1
+
+    def _keep_prefills(self, keep: list[int]) -> None:
+        self._prefills = [self._prefills[i] for i in keep]
+        self._prefill_cache.select_rows(keep + [i for i in range(self.max_batch) if i not in keep])
+
+    def _prefill(self) -> None:
+        """Up to `prefill_chunk` prompt tokens of the oldest prefilling jobs, in one forward (right-padded: no
+        row's padding may pass the context, so a row that would push it past waits for the next step)."""
+        budget, take, T = self.prefill_chunk, [], 0
+        for p in self._prefills:
+            n = min(budget, len(p.job.prompt) - p.fed)
+            width = max(T, n)
+            if n == 0 or any(q.fed + width > self.block for q in self._prefills[:len(take) + 1]):
+                break
+            take.append(n)
+            T, budget = width, budget - n
+        r = len(take)
+        group = self._prefills[:r]
+        _grow(self._prefill_cache, max(q.fed for q in group) + T, self.block)
+        pad = self.eot if self.eot is not None else 0
+        ids = torch.full((r, T), pad, dtype=torch.long)
+        for b, (p, n) in enumerate(zip(group, take)):
+            ids[b, :n] = torch.tensor(p.job.prompt[p.fed:p.fed + n])
+        view = self._prefill_cache.rows(0, r)
+        view.rewind([p.fed for p in group])
+        h = self.model.hidden_states(ids.to(self.device), view)  # (r, T, C): the LM head only where needed
+        view.rewind([p.fed + n for p, n in zip(group, take)])
+        self.counters["prefill_tokens"] += sum(take)
+        done = []
+        for b, (p, n) in enumerate(zip(group, take)):
+            if p.job.prompt_logprobs:
+                p.prompt_infos += prompt_logprobs(p.job, p.fed, self.model.head(h[b, :n]), p.job.logprobs or 0)
+            p.fed += n
+            if p.fed == len(p.job.prompt):
+                done.append(b)
+                self._start_rows(b, p, self.model.head(h[b, n - 1]))
+        if done:
+            self._keep_prefills([i for i in range(len(self._prefills)) if i not in done])
+
+    def _start_rows(self, slot: int, p: _Prefill, last_logits: torch.Tensor) -> None:
+        """A complete prompt: its choices become decoding rows (its cache row copied to each) and sample
+        their first token."""
+        job = p.job
+        if job.prompt_logprobs:
+            self._emit(job, PromptLogprobs(p.prompt_infos))
+        if job.max_new_tokens == 0:  # scoring only (echo): nothing to generate
+            for i in range(job.n):
+                self._emit(job, Finish(i, "length", 0))
+            return
+        n_prompt = len(job.prompt)
+        _grow(self._decode_cache, n_prompt + 1, self.block)
+        new = []
+        for i in range(job.n):
+            dst = len(self._rows)
+            _copy_row(self._prefill_cache, slot, self._decode_cache, dst, n_prompt)
+            row = Row(job, i, self.tokenizer, self.device)
+            self._rows.append(row)
+            new.append(row)
+        self.counters["max_rows"] = max(self.counters["max_rows"], len(self._rows))
+        self._sample(last_logits[None].expand(job.n, -1), new)
+
+    # decoding -----------------------------------------------------------------------------
+
+    def _decode(self) -> None:
+        rows = self._rows
+        view = self._decode_cache.rows(0, len(rows))
+        _grow(self._decode_cache, max(view.lengths) + 1, self.block)
+        view = self._decode_cache.rows(0, len(rows))
+        ids = torch.tensor([[r.pending] for r in rows], dtype=torch.long, device=self.device)
+        logits = self.model(ids, kv_cache=view, last_only=True)[:, -1]
+        self.counters["steps"] += 1
+        self._sample(logits, rows)
+
+    def _remove_finished(self) -> None:
+        """Drop finished rows: the last live rows move into their places (one row's cache each)."""
+        rows = self._rows
+        if not any(r.done for r in rows):
+            return
+        live = [i for i, r in enumerate(rows) if not r.done]
+        holes = [i for i in range(len(live)) if rows[i].done]
+        movers = [i for i in live if i >= len(live)]
+        for h, m in zip(holes, movers):
+            _copy_row(self._decode_cache, m, self._decode_cache, h, self._decode_cache.lengths[m])
+            rows[h] = rows[m]
+        self._rows = rows[:len(live)]
+        lengths = list(self._decode_cache.lengths)
+        for i in range(len(live), len(lengths)):
+            lengths[i] = 0
+        self._decode_cache.lengths = lengths
+
+    def _sample(self, logits: torch.Tensor, rows: list[Row]) -> None:
+        """Sample each row's next token from its logits (B, V) and hand out the text.
+
+        Greedy rows take the argmax; sampled rows without a seed are sampled together, one call per
+        setting (temperature, top-k, top-p); a seeded row draws from its own generator, as it would alone.
+        A row whose logits are not finite fails alone."""
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        greedy = logits.argmax(dim=-1).tolist()
+        tokens: dict[int, int] = {}
+        groups: dict[tuple, list[int]] = {}
+        for b, r in enumerate(rows):
+            job = r.job
+            if r.done:
+                continue
+            if not finite[b]:
+                r.done = job.cancelled = True
+                self.counters["failed"] += 1
+                self._emit(job, Failed("the model's logits are not finite (NaN or infinity): its weights are damaged"))
+            elif job.temperature == 0:
+                tokens[b] = greedy[b]
+            elif r.generator is None:
+                groups.setdefault((job.temperature, job.top_k, job.top_p), []).append(b)
+            else:
+                tokens[b] = int(sample_next(logits[b:b + 1], job.temperature, job.top_k, job.top_p, r.generator)[0])
+        for (temperature, top_k, top_p), index in groups.items():
+            drawn = sample_next(logits[index], temperature, top_k, top_p).tolist()
+            tokens.update(zip(index, drawn))
+        wanted = [b for b in tokens if rows[b].job.logprobs is not None]
+        lp = dict(zip(wanted, logits[wanted].float().log_softmax(-1))) if wanted else {}
+        for b, token in tokens.items():
+            info = TokenInfo(token)
+            if b in lp:
+                info.logprob = float(lp[b][token])
+                k = rows[b].job.logprobs
+                if k:
+                    top = lp[b].topk(k)
+                    info.top = list(zip(top.indices.tolist(), top.values.tolist()))
+            self._take(rows[b], token, info)
+
+    def _take(self, r: Row, token: int, info: TokenInfo) -> None:
+        r.generated += 1
+        self.counters["tokens"] += 1
+        job = r.job
+        if token == self.eot:
+            self._text(r, r.cutter.flush(r.decoder.flush()))
+            self._finish(r, "stop")
+            return
+        r.infos.append(info)
+        self._text(r, r.cutter.push(r.decoder.push(token)))
+        if r.cutter.stopped:
+            self._finish(r, "stop")
+        elif r.generated >= job.max_new_tokens:
+            self._text(r, r.cutter.flush(r.decoder.flush()))
+            self._finish(r, "length")
+        else:
+            r.pending = token
+
+    def _text(self, r: Row, text: str) -> None:
+        if text:
+            self._emit(r.job, Text(r.index, text, r.infos))
+            r.infos = []
+
+    def _finish(self, r: Row, reason: str) -> None:
+        r.done = True
+        self._emit(r.job, Finish(r.index, reason, r.generated))
+
+
+def _grow(cache: KVCache, need: int, block: int) -> None:
+    """Room for `need` slots per row, in chunks of GROW, never past the context."""
+    if need > cache.max_len:
+        cache.grow(min(block, max(need, cache.max_len + GROW)))
+
+
+def _copy_row(src: KVCache, i: int, dst: KVCache, j: int, n: int) -> None:
+    """The first n tokens of row i of `src` become row j of `dst`."""
+    if src is dst:
+        src.copy_row(i, j, n)
+    else:
+        dst.write_row(j, src.read_row(i, n))
