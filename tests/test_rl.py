@@ -283,3 +283,37 @@ def test_rl_settings_are_checked():
         RLConfig(init="x", out="o", prompts="p.jsonl").validate()
     with pytest.raises(UserError, match="--difficulty"):
         get_task("countdown", 9)
+
+
+def test_an_moe_model_is_balanced_under_rl_as_under_every_task(tmp_path, capsys):
+    """The loop adds the experts' balance loss for every task: RL of a mixture of experts logs it, and it keeps
+    the router from collapsing onto two experts, which it does without the loss (weight 0)."""
+    from gpt2lab.checkpoint import save_weights, write_run_config
+    from gpt2lab.model.config import GPTConfig
+    from gpt2lab.model.gpt import GPT
+    from gpt2lab.tokenizer.train import train_bpe_from_texts
+
+    tok = train_bpe_from_texts([TEXT], 300, name="rl")
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"Say {c}.", "letter": c}) + "\n"
+                                                    for c in "aeiou"))
+    (tmp_path / "reward.py").write_text(REWARD)
+    final = {}
+    for weight in (0.0, 0.5):
+        moe = tmp_path / f"moe-{weight}"
+        moe.mkdir()
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=128, n_layer=2, n_head=2, n_embd=32,
+                              n_experts=4, experts_per_token=2, moe_aux_weight=weight))
+        write_run_config(moe, model.config, tokenizer_identity=tok.identity(), extra={"template": "chat"})
+        save_weights(model, moe / "model.safetensors")
+        tok.save(moe)
+        code, _, err = run(["finetune", "rl", "--init", moe, "--out", tmp_path / f"rl-{weight}", "--prompts",
+                            tmp_path / "prompts.jsonl", "--reward", f"{tmp_path / 'reward.py'}:score",
+                            *RL_ARGS, "--lr", "3e-2"], capsys)
+        assert code == 0, err
+        steps = [json.loads(line) for line in (tmp_path / f"rl-{weight}" / "metrics.jsonl").read_text().splitlines()]
+        steps = [r for r in steps if "reward" in r]
+        assert len(steps) == 30 and all(math.isfinite(r["moe_aux"]) and r["moe_max_load"] >= 1.0 for r in steps)
+        assert steps[0]["moe_aux"] < 1.2  # balanced at the start (1.0: every expert its share)
+        final[weight] = sum(r["moe_aux"] for r in steps[-5:]) / 5
+    assert final[0.0] > 1.7 and final[0.5] < 1.2, final  # without the loss the router collapses; with it, not
