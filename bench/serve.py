@@ -56,10 +56,11 @@ def make_run(out: Path, preset: str, seed: int = 0) -> Path:
     """A run dir: a `preset`-size GPT with random weights and GPT-2's tokenizer."""
     import torch
 
-    from gpt2lab.checkpoint import save_weights, write_run_config
+    from gpt2lab.checkpoint import write_run_config
     from gpt2lab.model.config import GPTConfig
     from gpt2lab.model.gpt import GPT
     from gpt2lab.tokenizer import get_tokenizer
+    from gpt2lab.weights import save_weights
 
     tok = get_tokenizer("gpt2")
     torch.manual_seed(seed)

@@ -20,24 +20,18 @@ classifier as a `GPTClassifier`. Every command that takes a run dir goes through
 The format is versioned. Version 1 (the first gpt2lab) had no "kind"; `migrate` brings an old
 config up to date when it is read, so every run dir ever written still loads.
 
-Every weights file gpt2lab reads or writes goes through here (the run's, a checkpoint's, LoRA
-adapters, exports): safetensors, written atomically (gpt2lab.io), so an interrupted command leaves
-the previous good state. The training checkpoints under checkpoints/ are gpt2lab.train.checkpoints';
-their one torch.save file holds only tensors and plain containers and is read with
-`weights_only=True`: a checkpoint from a stranger cannot run code.
+Weights files are gpt2lab.weights' (safetensors, written atomically); the training checkpoints under
+checkpoints/ are gpt2lab.train.checkpoints'.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 
 from gpt2lab import io
 from gpt2lab.errors import UserError
@@ -46,6 +40,14 @@ from gpt2lab.model.config import GPTConfig
 from gpt2lab.model.gpt import GPT, GPTClassifier
 from gpt2lab.templates import FORMATS
 from gpt2lab.tokenizer import load_tokenizer_file
+from gpt2lab.weights import (
+    check_shapes,
+    file_shapes,
+    load_lora,
+    load_weights,
+    save_weights,
+    unique_state_dict,
+)
 
 RUN_FORMAT = "gpt2lab-run"
 RUN_VERSION = 2
@@ -54,119 +56,6 @@ WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 LORA_FILE = "lora.safetensors"
 KINDS = ("lm", "classifier")
-
-
-# ----------------------------------------------------------------------------- weights
-
-
-def save_tensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
-    """A dict of tensors as safetensors, written atomically (temporary name, fsync, rename)."""
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    with io.atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", **(metadata or {})})
-
-
-def read_tensors(path: str | os.PathLike, missing: str, corrupt: str = "the file is corrupt") -> dict:
-    """A safetensors file; a missing or unreadable one is a UserError naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path} does not exist; {missing}")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{path} cannot be read as safetensors ({str(e).splitlines()[0]}); {corrupt}") from None
-
-
-def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict with every tensor once: a tied weight (the LM head is the token embedding) is
-    stored under the name it was first registered with. What a weights file holds."""
-    out, seen = {}, set()
-    for name, t in model.state_dict(keep_vars=True).items():
-        if id(t) in seen:
-            continue
-        seen.add(id(t))
-        out[name] = t.detach()
-    return out
-
-
-def _is_adapter(name: str) -> bool:
-    return name.endswith((".lora_A", ".lora_B"))
-
-
-def save_weights(model: torch.nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None,
-                 exclude_lora: bool = False) -> None:
-    """The model's tensors as safetensors, each once (a tied LM head is the embedding), atomically.
-    `exclude_lora`: leave out LoRA adapters (a LoRA run's model.safetensors holds the base only)."""
-    state = unique_state_dict(model)
-    if exclude_lora:
-        state = {k: v for k, v in state.items() if not _is_adapter(k)}
-    save_tensors(state, path, metadata)
-
-
-def file_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
-    """The tensor names and shapes of a safetensors file, from its header alone (nothing is loaded)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path} does not exist; the run or checkpoint is incomplete (did training finish?)")
-    try:
-        with safe_open(str(path), "pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{path} cannot be read as safetensors ({str(e).splitlines()[0]}); the file is corrupt, "
-                        "use another checkpoint") from None
-
-
-def check_shapes(expected: dict, found: dict, path: Path, config_name: str = "config.json") -> None:
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    if missing or unexpected:
-        raise UserError(f"{path} does not fit the model in {config_name} (missing {missing[:3]}, unexpected "
-                        f"{unexpected[:3]}); the weights and the config come from different runs")
-    for k, shape in expected.items():
-        if tuple(found[k]) != tuple(shape):
-            raise UserError(f"{path}: tensor {k} has shape {tuple(found[k])}, {config_name} implies "
-                            f"{tuple(shape)}; the weights and the config come from different runs")
-
-
-def load_weights(model: torch.nn.Module, path: str | os.PathLike, config_name: str = "config.json") -> None:
-    """Load a weights file into `model`, checking every name and shape first (LoRA adapters, which live in
-    their own file, are not expected here)."""
-    path = Path(path)
-    shapes = file_shapes(path)
-    expected = {k: tuple(v.shape) for k, v in unique_state_dict(model).items()
-                if not _is_adapter(k) or k in shapes}
-    check_shapes(expected, shapes, path, config_name)
-    state = read_tensors(path, "the run or checkpoint is incomplete (did training finish?)",
-                         "the file is corrupt, use another checkpoint")
-    with torch.no_grad():
-        for k, t in unique_state_dict(model).items():
-            if k in state:
-                t.copy_(state[k])
-
-
-def save_lora(model: torch.nn.Module, path: str | os.PathLike) -> None:
-    """Write the LoRA adapters (only) to `path`; their settings go into the file's metadata too."""
-    tensors = lora.lora_state_dict(model)
-    if not tensors:
-        raise ValueError("the model has no LoRA adapters to save; call apply_lora first")
-    settings = getattr(model, "lora_settings", None)
-    save_tensors(tensors, path, {"lora": json.dumps(settings)} if settings else None)
-
-
-def load_lora(model: torch.nn.Module, path: str | os.PathLike) -> None:
-    """Load adapters saved by `save_lora` into a model that `apply_lora` prepared the same way."""
-    path = Path(path)
-    state = read_tensors(path, f"a LoRA run dir holds its adapters in {path.name}")
-    expected = lora.lora_state_dict(model)
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise UserError(f"{path} does not fit the model's adapters (missing {missing[:3]}, unexpected "
-                        f"{unexpected[:3]}); the rank or targets in config.json differ from the file's")
-    for k, v in expected.items():
-        if state[k].shape != v.shape:
-            raise UserError(f"{path}: adapter {k} has shape {tuple(state[k].shape)}, the model expects "
-                            f"{tuple(v.shape)}; the rank in config.json differs from the file's")
-    model.load_state_dict(state, strict=False)
 
 
 # --------------------------------------------------------------------------- run configs
@@ -395,6 +284,5 @@ def write_merged_run(run_dir: str | os.PathLike, out: str | os.PathLike, overwri
 
 
 __all__ = ["CONFIG_FILE", "LORA_FILE", "RUN_VERSION", "RunInfo", "TOKENIZER_FILE", "WEIGHTS_FILE", "build_model",
-           "load_lora", "load_run", "load_tokenizer", "load_weights", "migrate", "open_run", "read_run_config",
-           "read_tensors", "save_lora", "save_tensors", "save_weights", "unique_state_dict", "write_merged_run",
+           "load_run", "load_tokenizer", "migrate", "open_run", "read_run_config", "write_merged_run",
            "write_run_config"]

@@ -27,6 +27,7 @@ from gpt2lab.finetune.classify_data import label_order, make_splits, pad_texts, 
 from gpt2lab.finetune.config import ClassifyConfig
 from gpt2lab.model.config import GPTConfig
 from gpt2lab.model.gpt import GPT, GPTClassifier
+from gpt2lab.weights import save_weights
 
 SPAM = "free prize win cash now claim urgent offer winner reward".split()
 HAM = "see you at lunch tomorrow mum dinner home later meeting call".split()
@@ -57,7 +58,7 @@ def setup(tmp_path_factory):
     base = root / "base"
     base.mkdir()
     tok.save(base)
-    ckpt.save_weights(GPT(config), base / ckpt.WEIGHTS_FILE)
+    save_weights(GPT(config), base / ckpt.WEIGHTS_FILE)
     ckpt.write_run_config(base, config, tokenizer_identity=tok.identity())
     tsv = root / "data.tsv"
     tsv.write_text("".join(f"{label}\t{text}\n" for label, text in rows), encoding="utf-8")
@@ -489,9 +490,9 @@ def test_two_processes_train_as_one_with_the_same_total_batch(launched):
 
 def test_a_lora_language_model_is_classified_from_its_merged_weights(setup, tmp_path, monkeypatch):
     """`finetune classify --init LORA_RUN` starts its transformer from the run's merged weights."""
-    from gpt2lab.checkpoint import save_lora
     from gpt2lab.model.lora import apply_lora, lora_layers
     from gpt2lab.train.loop import Trainer
+    from gpt2lab.weights import save_lora
 
     base, tok = ckpt.load_run(setup["base"])
     lora = apply_lora(copy.deepcopy(base), rank=4, alpha=8)
@@ -502,7 +503,7 @@ def test_a_lora_language_model_is_classified_from_its_merged_weights(setup, tmp_
     run = tmp_path / "lora-lm"
     run.mkdir()
     tok.save(run)
-    ckpt.save_weights(lora, run / ckpt.WEIGHTS_FILE, exclude_lora=True)
+    save_weights(lora, run / ckpt.WEIGHTS_FILE, exclude_lora=True)
     save_lora(lora, run / LORA_FILE)
     ckpt.write_run_config(run, lora.config, tokenizer_identity=tok.identity(),
                           extra={"lora": lora.lora_settings})

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt2lab.checkpoint import load_run, save_weights, write_run_config
+from gpt2lab.checkpoint import load_run, write_run_config
 from gpt2lab.errors import UserError
 from gpt2lab.evals import benchmarks as ev
 from gpt2lab.evals import data as ed
@@ -25,6 +25,7 @@ from gpt2lab.evals.scoring import Request
 from gpt2lab.model.config import GPTConfig
 from gpt2lab.model.gpt import GPT
 from gpt2lab.tokenizer.train import train_bpe_from_texts
+from gpt2lab.weights import save_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = 64  # small, so that long contexts and documents need truncation and sliding windows

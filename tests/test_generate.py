@@ -19,13 +19,14 @@ import torch
 
 import gpt2lab
 import gpt2lab.generate as gen
-from gpt2lab.checkpoint import save_weights, write_run_config
+from gpt2lab.checkpoint import write_run_config
 from gpt2lab.generate import check_settings, generate, generate_batch, sample_next, stream, stream_answer
 from gpt2lab.model.cache import KVCache
 from gpt2lab.model.config import GPTConfig
 from gpt2lab.model.gpt import GPT
 from gpt2lab.templates import encode_messages, get_format
 from gpt2lab.text import StreamDecoder
+from gpt2lab.weights import save_weights
 
 VOCAB, BLOCK = 97, 32
 

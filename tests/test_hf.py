@@ -21,6 +21,7 @@ from gpt2lab.model.gpt import GPT
 from gpt2lab.tokenizer import BPETokenizer, get_tokenizer
 from gpt2lab.tokenizer.train import train_bpe_from_texts
 from gpt2lab.train.plan import count_params
+from gpt2lab.weights import save_weights
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,7 +100,7 @@ def randomise(model: GPT, seed: int = 0) -> GPT:
 
 def write_run(run_dir: Path, model: GPT, tok) -> Path:
     run_dir.mkdir(parents=True)
-    ckpt.save_weights(model, run_dir / ckpt.WEIGHTS_FILE)
+    save_weights(model, run_dir / ckpt.WEIGHTS_FILE)
     tok.save(run_dir)
     ckpt.write_run_config(run_dir, model.config, tokenizer_identity=tok.identity())
     return run_dir
@@ -370,8 +371,9 @@ def test_output_directories_are_replaced_only_when_asked(tmp_path, trained_tok):
 
 def test_a_lora_run_exports_its_merged_weights(tfm, tmp_path, trained_tok):
     """transformers' logits of an exported LoRA run equal the run's own (the adapters merged), not the base's."""
-    from gpt2lab.checkpoint import load_run, save_lora
+    from gpt2lab.checkpoint import load_run
     from gpt2lab.model.lora import apply_lora
+    from gpt2lab.weights import save_lora
 
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=trained_tok.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=32)
@@ -401,9 +403,10 @@ def test_a_lora_run_exports_its_merged_weights(tfm, tmp_path, trained_tok):
 def test_a_classifier_exports_as_sequence_classification(tfm, tmp_path, trained_tok):
     """GPT2ForSequenceClassification's probabilities equal `gpt2lab classify`'s; the head's bias lives in the
     final LayerNorm's bias, since transformers' head has none."""
-    from gpt2lab.checkpoint import load_run, save_weights, write_run_config
+    from gpt2lab.checkpoint import load_run, write_run_config
     from gpt2lab.finetune.classify import classify_texts
     from gpt2lab.model.gpt import GPTClassifier
+    from gpt2lab.weights import save_weights
 
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=trained_tok.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=32)

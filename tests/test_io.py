@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from gpt2lab import io
-from gpt2lab.checkpoint import read_tensors, save_tensors
 from gpt2lab.errors import UserError
+from gpt2lab.weights import read_tensors, save_tensors
 
 
 def hidden(directory: Path) -> list[str]:

@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt2lab.checkpoint import load_run, save_weights, write_run_config
+from gpt2lab.checkpoint import load_run, write_run_config
 from gpt2lab.errors import UserError
 from gpt2lab.evals.judge import completions_url, eval_judge, judge_score, judge_task, parse_score
 from gpt2lab.model.config import GPTConfig
 from gpt2lab.model.gpt import GPT
 from gpt2lab.templates import get_format
 from gpt2lab.tokenizer.train import train_bpe_from_texts
+from gpt2lab.weights import save_weights
 
 TEXT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
         "the request. ### Instruction: Name a colour. ### Response: Blue is a colour of the sky. ") * 20

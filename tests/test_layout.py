@@ -22,7 +22,7 @@ LAYERS = [
     ["templates", "metrics", "sources", "client"],
     ["plot"],
     ["model", "tokenizer"],
-    ["data"],
+    ["data", "weights"],
     ["checkpoint", "generate"],
     ["train"],
     ["evals", "export"],

@@ -11,7 +11,7 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 from gpt2lab import checkpoint as ckpt
-from gpt2lab.checkpoint import LORA_FILE, load_lora, save_lora, unique_state_dict
+from gpt2lab.checkpoint import LORA_FILE
 from gpt2lab.cli import main as cli_main
 from gpt2lab.errors import UserError
 from gpt2lab.model.config import GPTConfig
@@ -19,6 +19,7 @@ from gpt2lab.model.gpt import GPT
 from gpt2lab.model.lora import LoRALinear, apply_lora, lora_layers, lora_state_dict, merge_lora
 from gpt2lab.train.optim import make_optimizer
 from gpt2lab.train.task import lm_loss
+from gpt2lab.weights import load_lora, save_lora, save_weights, unique_state_dict
 
 CFG = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=16)
 
@@ -149,7 +150,7 @@ def lora_run_dir(path, tok_texts=("hello world", "a tiny tokenizer")):
     randomize_adapters(model)
     path.mkdir()
     tok.save(path)
-    ckpt.save_weights(model, path / ckpt.WEIGHTS_FILE, exclude_lora=True)
+    save_weights(model, path / ckpt.WEIGHTS_FILE, exclude_lora=True)
     save_lora(model, path / LORA_FILE)
     ckpt.write_run_config(path, config, tokenizer_identity=tok.identity(), extra={"lora": model.lora_settings})
     return model.eval()

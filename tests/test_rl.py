@@ -76,10 +76,11 @@ def test_thinking_is_read_apart_from_the_answer():
 @pytest.fixture(scope="module")
 def chat_run(tmp_path_factory):
     """A tiny model in the chat format, with a tokenizer trained on task-like text."""
-    from gpt2lab.checkpoint import save_weights, write_run_config
+    from gpt2lab.checkpoint import write_run_config
     from gpt2lab.model.config import GPTConfig
     from gpt2lab.model.gpt import GPT
     from gpt2lab.tokenizer.train import train_bpe_from_texts
+    from gpt2lab.weights import save_weights
 
     tok = train_bpe_from_texts([TEXT], 300, name="rl")
     out = tmp_path_factory.mktemp("rl") / "sft"
@@ -288,10 +289,11 @@ def test_rl_settings_are_checked():
 def test_an_moe_model_is_balanced_under_rl_as_under_every_task(tmp_path, capsys):
     """The loop adds the experts' balance loss for every task: RL of a mixture of experts logs it, and it keeps
     the router from collapsing onto two experts, which it does without the loss (weight 0)."""
-    from gpt2lab.checkpoint import save_weights, write_run_config
+    from gpt2lab.checkpoint import write_run_config
     from gpt2lab.model.config import GPTConfig
     from gpt2lab.model.gpt import GPT
     from gpt2lab.tokenizer.train import train_bpe_from_texts
+    from gpt2lab.weights import save_weights
 
     tok = train_bpe_from_texts([TEXT], 300, name="rl")
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"Say {c}.", "letter": c}) + "\n"

@@ -26,12 +26,13 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
-from gpt2lab.checkpoint import load_run, save_weights, write_run_config  # noqa: E402
+from gpt2lab.checkpoint import load_run, write_run_config  # noqa: E402
 from gpt2lab.generate import answer, generate  # noqa: E402
 from gpt2lab.model.config import GPTConfig  # noqa: E402
 from gpt2lab.model.gpt import GPT  # noqa: E402
 from gpt2lab.serve.scheduler import Job, Scheduler, Text  # noqa: E402
 from gpt2lab.templates import encode_messages  # noqa: E402
+from gpt2lab.weights import save_weights  # noqa: E402
 
 TEXT = ("The quick brown fox jumps over the lazy dog. A café in Zürich serves crème brûlée. "
         "Hello world, hello there! Numbers: 1, 2, 3, 42. ") * 20

@@ -1,36 +1,18 @@
-"""Evaluation: loss / perplexity / bits per byte, HellaSwag, LAMBADA and generic multiple choice.
+"""The one measurement every evaluation comes down to: the summed log-probability of a continuation given
+a context, and whether greedy decoding would have produced it. `score_requests` makes it for many
+(context, continuations) pairs at once; the benchmarks (benchmarks.py) only build the pairs and turn the
+scores into metrics.
 
-Every task comes down to one measurement: the summed log-probability of a
-continuation given a context, and whether greedy decoding would have produced
-it. `score_requests` makes that measurement for many (context, continuations)
-pairs at once; the tasks only build the pairs and turn the scores into metrics.
-The tasks follow EleutherAI's lm-evaluation-harness, so that a model trained
-here and OpenAI's GPT-2 imported here land on the scale everyone else reports:
+Context and continuation are tokenised separately and the ids concatenated; an empty context becomes
+<|endoftext|>, as in EleutherAI's lm-evaluation-harness. When the two together exceed the model's
+context, the context loses tokens on the left and the continuation stays whole.
 
-  hellaswag  context  preprocess(activity_label + ": " + ctx_a + " " + ctx_b.capitalize())
-             choices  " " + preprocess(ending), for each of the 4 endings
-             acc      argmax of the summed log-probability of each choice's tokens
-             acc_norm argmax of that sum divided by the length of the ending in characters
-                      (the harness divides by len(ending), the text without its leading space)
-  lambada    context  the passage without its last space-separated word; target " " + that word
-             acc      greedy decoding reproduces every target token
-             ppl      exp(-mean over passages of the target's summed log-probability)
-  mc         {"context", "choices", "label"} records, scored like hellaswag without preprocessing
-  loss       mean cross-entropy (nats per token), perplexity and bits per byte of documents
-
-Context and continuation are tokenised separately and the ids concatenated; an
-empty context becomes <|endoftext|>, as in the harness. When the two together
-exceed the model's context, the context loses tokens on the left and the
-continuation stays whole.
-
-How it is fast. A multiple-choice example is packed into one sequence: the
-context once, then every choice's tokens, each choice attending to the context
-and to itself only (a block mask), with its positions counting on from the end
-of the context. HellaSwag thus costs one sequence of ~165 tokens per example
-instead of four of ~80. The LM head, about 30% of GPT-2 small's work per token,
-is applied only at the positions that predict a scored token. Sequences are
-sorted by length and batched with right padding, which causal attention never
-sees.
+How it is fast. A multiple-choice example is packed into one sequence: the context once, then every
+choice's tokens, each choice attending to the context and to itself only (a segment mask, model/masks.py),
+with its positions counting on from the end of the context. HellaSwag thus costs one sequence of ~165
+tokens per example instead of four of ~80. The LM head, about 30% of GPT-2 small's work per token, is
+applied only at the positions that predict a scored token. Sequences are sorted by length and batched with
+right padding, which causal attention never sees.
 """
 
 from __future__ import annotations

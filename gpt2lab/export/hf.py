@@ -48,7 +48,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import warnings
 from pathlib import Path
 
 import torch
@@ -56,7 +55,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from gpt2lab import io
-from gpt2lab.checkpoint import WEIGHTS_FILE, open_run, save_tensors, unique_state_dict, write_run_config
+from gpt2lab.checkpoint import WEIGHTS_FILE, open_run, write_run_config
 from gpt2lab.errors import UserError
 from gpt2lab.export.gpt2 import (
     check_tensors,
@@ -72,6 +71,7 @@ from gpt2lab.export.llama import check_llama, config_to_llama, gpt2lab_to_llama
 from gpt2lab.tokenizer import load_tokenizer_file
 from gpt2lab.tokenizer.bpe import EOT, GPT2_PATTERN
 from gpt2lab.tokenizer.hf import hf_tokenizer_files, read_hf_tokenizer
+from gpt2lab.weights import load_pickle, save_tensors, unique_state_dict
 
 # the checkpoints OpenAI released, under the names people use and their hub repositories
 HUB_IDS = {
@@ -220,15 +220,8 @@ def _load_hf_weights(directory: Path) -> tuple[dict, list[Path]]:
 
 
 def _load_pickle(path: Path) -> dict:
-    try:
-        # weights_only: tensors and plain containers, never an arbitrary object or a function call
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # torch raises many types for a damaged or hostile file
-        raise UserError(f"{path} was refused: gpt2lab reads pickles as tensors only, and this one holds other "
-                        "objects (possibly code) or is damaged; get the model as model.safetensors from a source "
-                        "you trust") from None
+    state = load_pickle(path, "was refused: gpt2lab reads pickles as tensors only, and this one holds other objects "
+                        "(possibly code) or is damaged; get the model as model.safetensors from a source you trust")
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
         raise UserError(f"{path} holds {type(state).__name__}, not a state dict of named tensors; pass "

@@ -38,9 +38,9 @@ import torch.nn.functional as F
 
 from gpt2lab import checkpoint as ckpt
 from gpt2lab import io
-from gpt2lab.checkpoint import RunInfo
 from gpt2lab.data.order import GlobalOrder
 from gpt2lab.errors import UserError
+from gpt2lab.finetune.base import FinetuneTask
 from gpt2lab.finetune.classify_data import (
     SPLITS,
     Example,
@@ -53,11 +53,11 @@ from gpt2lab.finetune.classify_data import (
 )
 from gpt2lab.finetune.config import TRAIN_MODES, ClassifyConfig
 from gpt2lab.model import lora as lora_mod
-from gpt2lab.model.config import GPTConfig, derive
+from gpt2lab.model.config import GPTConfig
 from gpt2lab.model.gpt import GPTClassifier
-from gpt2lab.train.config import model_overrides
 from gpt2lab.train.loop import train_task
-from gpt2lab.train.task import Task, TrainResult
+from gpt2lab.train.task import TrainResult
+from gpt2lab.weights import load_weights, save_lora, save_weights
 
 TASK = "classify"
 RESULTS_FILE = "results.json"
@@ -153,7 +153,7 @@ class ExampleLoader:
         self.order.load_state_dict(state, "classification data")
 
 
-class ClassifyTask(Task):
+class ClassifyTask(FinetuneTask):
     name = TASK
     kind = "classifier"
     cfg: ClassifyConfig
@@ -164,11 +164,10 @@ class ClassifyTask(Task):
 
     def load(self) -> None:
         cfg = self.cfg
-        self.base = ckpt.open_run(cfg.init, "--init")
+        self.open_start("a classifier", classifier_ok=True, need_eot=False)
         if self.base.kind == "classifier":
             raise UserError(f"--init {cfg.init} is already a classifier; pass the language-model run dir it was "
                             "fine-tuned from (or any run dir made by `gpt2lab pretrain` / `import-hf`)")
-        self.tokenizer = ckpt.load_tokenizer(self.base)
         splits, self.data_identity = _load_splits(cfg)
         labels = label_order([ex.label for ex in splits["train"]], cfg.labels)
         _check_labels(splits, labels)
@@ -190,13 +189,6 @@ class ClassifyTask(Task):
     def seq_len(self, model_config: GPTConfig) -> int:
         return self.max_length
 
-    def model_config(self, resumed: RunInfo | None) -> GPTConfig:
-        if resumed is not None:
-            stored = resumed.model_config
-            return GPTConfig.from_dict({**stored.to_dict(), "dropout": self.cfg.dropout
-                                        if self.cfg.dropout is not None else stored.dropout})
-        return derive(self.base.model_config, model_overrides(self.cfg), f"--init {self.cfg.init}")
-
     def _lora(self) -> dict | None:
         c = self.cfg
         if c.train_mode != "lora":
@@ -208,8 +200,7 @@ class ClassifyTask(Task):
         cfg = self.cfg
         model = GPTClassifier(model_config, len(self.labels))
         if not (resuming or cfg.random_init):  # the pretrained transformer; the head starts from the seed
-            lm, _ = ckpt.load_run(cfg.init, kind="lm", flag="--init")
-            model.transformer.load_state_dict(lm.transformer.state_dict())
+            model.transformer.load_state_dict(self.start_model().transformer.state_dict())
         set_train_mode(model, cfg.train_mode, cfg.last_blocks, self._lora())
         return model
 
@@ -242,7 +233,7 @@ class ClassifyTask(Task):
         if improved:
             self.best = {"epoch": record["epoch"], "step": step, "key": key, "metrics": metrics}
             if self.cfg.keep_best and ctx.dist.is_main:
-                ckpt.save_weights(model, ctx.out / BEST_FILE)
+                save_weights(model, ctx.out / BEST_FILE)
         return {k: v for k, v in record.items() if v is not None and k != "epoch"}
 
     def state_dict(self) -> dict:
@@ -266,12 +257,12 @@ class ClassifyTask(Task):
         out = self.ctx.out
         best = out / BEST_FILE
         if self.cfg.keep_best and best.is_file():
-            ckpt.load_weights(model, best)
+            load_weights(model, best)
         if self._lora():
-            ckpt.save_weights(model, out / ckpt.WEIGHTS_FILE, exclude_lora=True)
-            ckpt.save_lora(model, out / ckpt.LORA_FILE)
+            save_weights(model, out / ckpt.WEIGHTS_FILE, exclude_lora=True)
+            save_lora(model, out / ckpt.LORA_FILE)
         else:
-            ckpt.save_weights(model, out / ckpt.WEIGHTS_FILE)
+            save_weights(model, out / ckpt.WEIGHTS_FILE)
         best.unlink(missing_ok=True)
 
     def finish(self, result: TrainResult) -> None:

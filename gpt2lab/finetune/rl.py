@@ -26,19 +26,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from gpt2lab import checkpoint as ckpt
-from gpt2lab.checkpoint import RunInfo
 from gpt2lab.data.order import GlobalOrder
-from gpt2lab.errors import UserError
 from gpt2lab.evals.checkable import CheckableTask, FileTask, answer_text, get_task, score_task
+from gpt2lab.finetune.base import FinetuneTask
 from gpt2lab.finetune.config import RLConfig
 from gpt2lab.generate import generate_group
-from gpt2lab.model.config import GPTConfig, derive
+from gpt2lab.model.config import GPTConfig
 from gpt2lab.model.gpt import GPT
 from gpt2lab.templates import encode_messages, get_format
-from gpt2lab.train.config import model_overrides
 from gpt2lab.train.loop import train_task
-from gpt2lab.train.task import Task
 
 
 @dataclass
@@ -108,7 +104,7 @@ class PromptLoader:
         self.micro = int(state.get("micro", 0))
 
 
-class RLTask(Task):
+class RLTask(FinetuneTask):
     name = "rl"
     cfg: RLConfig
 
@@ -118,12 +114,7 @@ class RLTask(Task):
 
     def load(self) -> None:
         cfg = self.cfg
-        self.base = ckpt.open_run(cfg.init, "--init")
-        if self.base.kind != "lm":
-            raise UserError(f"--init {cfg.init} is a classifier; RL tunes a language model")
-        self.tokenizer = ckpt.load_tokenizer(self.base)
-        if self.tokenizer.eot_id is None:
-            raise UserError(f"the tokenizer of --init {cfg.init} has no <|endoftext|> token to end answers with")
+        self.open_start("RL")
         self.format = get_format(self.base.template)
         if cfg.task:
             self.rl_task = get_task(cfg.task, cfg.difficulty, cfg.format_reward)
@@ -139,13 +130,8 @@ class RLTask(Task):
         self.data_identity = identity
         self.rollouts: dict[int, dict] = {}  # each micro-batch slot's samples, kept for --updates-per-batch > 1
 
-    def model_config(self, resumed: RunInfo | None) -> GPTConfig:
-        if resumed is not None:
-            return resumed.model_config
-        return derive(self.base.model_config, model_overrides(self.cfg), f"--init {self.cfg.init}")
-
     def build_model(self, model_config: GPTConfig, resuming: bool) -> torch.nn.Module:
-        start, _ = ckpt.load_run(self.cfg.init, kind="lm", flag="--init")
+        start = self.start_model()
         self.reference = GPT(model_config).eval()  # the starting model, for the KL (never trained)
         self.reference.load_state_dict(start.state_dict())
         self.reference.requires_grad_(False)

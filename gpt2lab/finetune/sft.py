@@ -27,18 +27,18 @@ from pathlib import Path
 import torch
 
 from gpt2lab import checkpoint as ckpt
-from gpt2lab.checkpoint import RunInfo
 from gpt2lab.data.order import GlobalOrder
 from gpt2lab.data.records import read_instructions
 from gpt2lab.errors import UserError
+from gpt2lab.finetune.base import FinetuneTask
 from gpt2lab.finetune.config import SFTConfig
-from gpt2lab.model.config import GPTConfig, derive
+from gpt2lab.model.config import GPTConfig
 from gpt2lab.model.gpt import GPT
 from gpt2lab.model.lora import apply_lora
 from gpt2lab.templates import encode_messages, record_messages
-from gpt2lab.train.config import model_overrides
 from gpt2lab.train.loop import train_task
-from gpt2lab.train.task import IGNORE_INDEX, Task, held_out_mean, lm_loss
+from gpt2lab.train.task import IGNORE_INDEX, held_out_mean, lm_loss
+from gpt2lab.weights import save_lora, save_weights
 
 # ------------------------------------------------------------------------------ records
 
@@ -105,7 +105,7 @@ def pad_examples(batch: list[tuple[list[int], list[bool]]], pad_id: int,
 # ------------------------------------------------------------------------------ the task
 
 
-class SFTTask(Task):
+class SFTTask(FinetuneTask):
     name = "sft"
     cfg: SFTConfig
 
@@ -114,12 +114,7 @@ class SFTTask(Task):
 
     def load(self) -> None:
         cfg = self.cfg
-        self.base = ckpt.open_run(cfg.init, "--init")
-        if self.base.kind != "lm":
-            raise UserError(f"--init {cfg.init} is a classifier; instruction tuning starts from a language model")
-        self.tokenizer = ckpt.load_tokenizer(self.base)
-        if self.tokenizer.eot_id is None:
-            raise UserError(f"the tokenizer of --init {cfg.init} has no <|endoftext|> token to end answers with")
+        self.open_start("instruction tuning")
         records = read_instructions(cfg.data)
         # the chat format can render Alpaca records as user/assistant turns; the alpaca one cannot render chats
         self.format = "chat" if any("messages" in r for r in records) else cfg.template
@@ -135,18 +130,10 @@ class SFTTask(Task):
         self.data_identity = {"path": str(Path(cfg.data).resolve()), "sha256": digest,
                               "train_records": len(train_records), "val_records": len(val_records)}
 
-    def model_config(self, resumed: RunInfo | None) -> GPTConfig:
-        if resumed is not None:
-            stored = resumed.model_config
-            return GPTConfig.from_dict({**stored.to_dict(), "dropout": self.cfg.dropout
-                                        if self.cfg.dropout is not None else stored.dropout})
-        return derive(self.base.model_config, model_overrides(self.cfg), f"--init {self.cfg.init}")
-
     def build_model(self, model_config: GPTConfig, resuming: bool) -> torch.nn.Module:
         model = GPT(model_config)
         if not resuming:
-            start, _ = ckpt.load_run(self.cfg.init, kind="lm", flag="--init")
-            model.load_state_dict(start.state_dict())
+            model.load_state_dict(self.start_model().state_dict())
         if self.cfg.lora_rank:
             targets = tuple(t.strip() for t in self.cfg.lora_targets.split(",") if t.strip())
             apply_lora(model, rank=self.cfg.lora_rank, alpha=self.cfg.lora_alpha, dropout=self.cfg.lora_dropout,
@@ -192,10 +179,10 @@ class SFTTask(Task):
     def save_final(self, model) -> None:
         out = self.ctx.out
         if self.cfg.lora_rank:
-            ckpt.save_weights(model, out / ckpt.WEIGHTS_FILE, exclude_lora=True)
-            ckpt.save_lora(model, out / ckpt.LORA_FILE)
+            save_weights(model, out / ckpt.WEIGHTS_FILE, exclude_lora=True)
+            save_lora(model, out / ckpt.LORA_FILE)
         else:
-            ckpt.save_weights(model, out / ckpt.WEIGHTS_FILE)
+            save_weights(model, out / ckpt.WEIGHTS_FILE)
 
 
 def finetune_sft(cfg: SFTConfig, given: dict | None = None):

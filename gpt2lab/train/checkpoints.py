@@ -12,14 +12,14 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import warnings
 from pathlib import Path
 
 import torch
 
 from gpt2lab import io
-from gpt2lab.checkpoint import WEIGHTS_FILE, save_weights
+from gpt2lab.checkpoint import WEIGHTS_FILE
 from gpt2lab.errors import UserError
+from gpt2lab.weights import load_pickle, save_weights
 
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -92,13 +92,8 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:
     trainer_file = path / "trainer.pt"
     if not trainer_file.is_file():
         raise UserError(f"{trainer_file} does not exist; the checkpoint is incomplete, {fix}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            trainer_state = torch.load(trainer_file, map_location="cpu", weights_only=True)
-    except Exception:  # torch raises many types for a damaged or hostile file
-        raise UserError(f"{trainer_file} cannot be loaded as tensors only: it is damaged or holds other objects; "
-                        f"{fix}") from None
+    trainer_state = load_pickle(trainer_file, "cannot be loaded as tensors only: it is damaged or holds other "
+                                f"objects; {fix}")
     return trainer_state, state
 
 

@@ -87,8 +87,9 @@ class LoopConfig:
     seq_len: int | None = opt(None, "tokens per sequence (default: the model's context length)", check=POSITIVE)
     total_batch_tokens: int | None = opt(None, "tokens per optimizer step; gradient accumulation is derived "
                                          "from it (default: one micro-batch per process)", check=POSITIVE)
-    optimizer: str = opt("adamw", "adamw (torch's, fused on CUDA), adamw-scratch (written out in gpt2lab/train/optim.py), "
-                         "or muon (Muon for the blocks' matrices at --muon-lr, AdamW for the rest at --lr)",
+    optimizer: str = opt("adamw", "adamw (torch's, fused on CUDA), adamw-scratch (written out in "
+                         "gpt2lab/train/optim.py), or muon (Muon for the blocks' matrices at --muon-lr, AdamW for the "
+                         "rest at --lr)",
                          choices=OPTIMIZERS)
     muon_lr: float = opt(0.02, "Muon's peak learning rate (--optimizer muon); warmup and decay follow --lr's",
                          check=finite_range(0, 10, lo_open=True))

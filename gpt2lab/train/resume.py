@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
-from gpt2lab.checkpoint import WEIGHTS_FILE, load_weights
+from gpt2lab.checkpoint import WEIGHTS_FILE
 from gpt2lab.errors import UserError
 from gpt2lab.train import checkpoints, distributed
+from gpt2lab.weights import load_weights
 
 
 def rng_state() -> dict:

@@ -23,12 +23,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from gpt2lab.checkpoint import WEIGHTS_FILE, RunInfo, save_weights
+from gpt2lab.checkpoint import WEIGHTS_FILE, RunInfo
 from gpt2lab.errors import UserError
 from gpt2lab.model.config import GPTConfig
 from gpt2lab.model.gpt import GPT
 from gpt2lab.train.config import LoopConfig
 from gpt2lab.train.distributed import DistInfo
+from gpt2lab.weights import save_weights
 
 IGNORE_INDEX = -100  # targets with this value take no part in the loss (SFT prompts, padding)
 
