@@ -104,9 +104,23 @@ def check_shapes(expected: dict, found: dict, path: Path, config_name: str = "co
                             f"{tuple(shape)}; the weights and the config come from different runs")
 
 
-def load_weights(model: torch.nn.Module, path: str | os.PathLike, config_name: str = "config.json") -> None:
-    """Load a weights file into `model`, checking every name and shape first (LoRA adapters, which live in
-    their own file, are not expected here)."""
+def check_dtypes(state: dict, expected: dict, path: Path, exact: bool) -> None:
+    """Weights are floating point (a tensor of integers or booleans is no weight); with `exact`, of the very
+    dtype the model holds (a checkpoint resumes bitwise only from its own dtype)."""
+    for k, t in state.items():
+        want = expected.get(k)
+        if want is None:
+            continue
+        if not t.dtype.is_floating_point or (exact and t.dtype != want.dtype):
+            raise UserError(f"{path}: tensor {k} is {str(t.dtype).removeprefix('torch.')}, the model holds "
+                            f"{str(want.dtype).removeprefix('torch.')}; the file was not written by this run, use "
+                            "another checkpoint")
+
+
+def load_weights(model: torch.nn.Module, path: str | os.PathLike, config_name: str = "config.json",
+                 exact: bool = False) -> None:
+    """Load a weights file into `model`, checking every name, shape and dtype first (LoRA adapters, which live
+    in their own file, are not expected here). `exact`: the dtypes must be the model's (resuming)."""
     path = Path(path)
     shapes = file_shapes(path)
     expected = {k: tuple(v.shape) for k, v in unique_state_dict(model).items()
@@ -114,6 +128,7 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike, config_name: s
     check_shapes(expected, shapes, path, config_name)
     state = read_tensors(path, "the run or checkpoint is incomplete (did training finish?)",
                          "the file is corrupt, use another checkpoint")
+    check_dtypes(state, unique_state_dict(model), path, exact)
     with torch.no_grad():
         for k, t in unique_state_dict(model).items():
             if k in state:
@@ -142,4 +157,5 @@ def load_lora(model: torch.nn.Module, path: str | os.PathLike) -> None:
         if state[k].shape != v.shape:
             raise UserError(f"{path}: adapter {k} has shape {tuple(state[k].shape)}, the model expects "
                             f"{tuple(v.shape)}; the rank in config.json differs from the file's")
+    check_dtypes(state, expected, path, exact=False)
     model.load_state_dict(state, strict=False)

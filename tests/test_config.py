@@ -137,7 +137,7 @@ def test_good_numbers_pass(tmp_path):
 # settings, device, dtype, compile, tensorboard; and the run dir's own path, which may have moved)
 RESUMABLE = {"out", "max_steps", "eval_every", "eval_batches", "sample_every", "sample_tokens", "log_every",
              "checkpoint_every", "keep_checkpoints", "tensorboard", "device", "dtype", "compile", "resume",
-             "activation_checkpointing"}
+             "activation_checkpointing", "batch_size"}  # batch_size: the tokens per step stay the run's
 
 
 def test_which_settings_may_change_on_resume():
@@ -161,7 +161,7 @@ def test_merge_for_resume():
     # a model field the run did not set is left for the trainer to check against the stored model
     assert merge_for_resume(TrainConfig, stored, {"n_layer": 2})["n_layer"] == 2
     # anything else that differs is refused, naming the flag and both values
-    for name, value in [("lr", 0.01), ("batch_size", 8), ("seq_len", 16), ("warmup_steps", 0),
+    for name, value in [("lr", 0.01), ("seq_len", 16), ("warmup_steps", 0),
                         ("data", "/data/b"), ("block_size", 32), ("model", "nano"), ("seed", 1)]:
         with pytest.raises(UserError) as e:
             merge_for_resume(TrainConfig, stored, {name: value})

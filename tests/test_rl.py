@@ -205,8 +205,11 @@ RL_ARGS = ["--max-steps", "30", "--batch-size", "2", "--group-size", "8", "--max
 def test_a_toy_reward_rises_and_resume_is_bitwise(chat_run, tmp_path, capsys):
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"Say {c}.", "letter": c}) + "\n"
                                                     for c in "aeiou"))
+    (tmp_path / "held.jsonl").write_text("".join(json.dumps({"prompt": f"Write {c}.", "letter": c}) + "\n"
+                                                 for c in "aeiou"))
     (tmp_path / "reward.py").write_text(REWARD)
-    task = ["--prompts", tmp_path / "prompts.jsonl", "--reward", f"{tmp_path / 'reward.py'}:score"]
+    task = ["--prompts", tmp_path / "prompts.jsonl", "--val-prompts", tmp_path / "held.jsonl", "--reward",
+            f"{tmp_path / 'reward.py'}:score"]
     code, out, err = run(["finetune", "rl", "--init", chat_run, "--out", tmp_path / "rl", *task, *RL_ARGS], capsys)
     assert code == 0, err
     records = [json.loads(line) for line in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]

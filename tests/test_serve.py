@@ -467,7 +467,7 @@ def test_more_bad_requests_and_the_server_keeps_serving(chat, base):
     assert r.usage.total_tokens <= 64 and r.choices[0].finish_reason in ("length", "stop")
     # a client that sends half a body and hangs up
     with socket.create_connection(("127.0.0.1", chat.port)) as s:
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"mess")
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\n{\"mess")
     assert chat.health()["status"] == "ok"
     assert chat.client().chat.completions.create(model="tiny-chat", messages=user("x"), max_tokens=3).choices
 
@@ -512,7 +512,7 @@ def test_a_disconnected_client_stops_its_generation(chat, monkeypatch):
     # a non-streamed request whose client hangs up
     s = socket.create_connection(("127.0.0.1", chat.port))
     body2 = json.dumps({"messages": user("More"), "max_tokens": 200, "temperature": 0}).encode()
-    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
               b"Content-Length: " + str(len(body2)).encode() + b"\r\n\r\n" + body2)
     deadline = time.time() + 10
     while chat.health()["active"] < 2:  # both are generating

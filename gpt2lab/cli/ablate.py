@@ -43,7 +43,7 @@ def cmd_ablate(args) -> int:
             raise UserError(f"--variant {spec!r}: {e}") from None
         own = {k: v for k, v in vars(parsed).items() if v is not None and not k.startswith("_")}
         variants.append((name, own, flags))
-    rows = ablate(shared, variants, args.out)
+    rows = ablate(shared, variants, args.out, retrain=args.retrain)
     print(table(rows))
     print(f"wrote {args.out}/ablation.json and {args.out}/ablation.png")
     return 0
@@ -65,5 +65,7 @@ def register(sub) -> None:
     a.add_argument("--variant", action="append", metavar="NAME=FLAGS",
                    help="a variant: its name and its pretrain flags (repeatable; the first is the baseline)")
     a.add_argument("--config", default=None, help="a TOML or YAML file of the shared settings")
+    a.add_argument("--retrain", action="store_true", help="train again a variant in --out whose settings differ "
+                   "from this command's (without it, such a variant is refused, naming the settings)")
     add_config_flags(a, TrainConfig)
     a.set_defaults(func=cmd_ablate)

@@ -114,7 +114,8 @@ def cmd_instructions(args) -> int:
 
             raise UserError("--task builds a set from a built-in task alone; drop --source")
         counts = build_task_set(args.out, args.task, args.synthetic, difficulty=args.difficulty, think=args.think,
-                                heldout=args.heldout, seed=args.seed, overwrite=args.overwrite)
+                                heldout=200 if args.heldout is None else args.heldout, seed=args.seed,
+                                overwrite=args.overwrite, heldout_flag=None if args.heldout is None else "--heldout")
     else:
         counts = build_instruction_set(args.out, args.source, synthetic=args.synthetic,
                                        heldout_fraction=args.heldout_fraction, seed=args.seed,
@@ -174,7 +175,8 @@ def register(sub) -> None:
                    "steps in a <think> section when --think is given; held-out prompts never in train")
     i.add_argument("--difficulty", type=positive_int, default=1, help="with --task: 1 to 5 (default 1)")
     i.add_argument("--think", action="store_true", help="with --task: answers begin with <think>worked steps</think>")
-    i.add_argument("--heldout", type=nonneg_int, default=200, help="with --task: held-out records (default 200)")
+    i.add_argument("--heldout", type=nonneg_int, default=None,
+                   help="with --task: held-out records (default 200, or all the task has when it has fewer)")
     i.set_defaults(func=cmd_instructions)
 
     r = ft_sub.add_parser("rl", help="reinforcement learning on a checkable task (group-relative policy gradient)",

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from gpt2lab.cli import positive_int
+import argparse
+import importlib.util
+
+from gpt2lab.cli import finite_float, positive_int
 
 
 def _port(text: str) -> int:
-    import argparse
-
     try:
         value = int(text)
     except ValueError:
@@ -17,12 +18,24 @@ def _port(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    value = finite_float(text)
+    if not 0 < value <= 86400:
+        raise argparse.ArgumentTypeError(f"{text} must be a number of seconds in (0, 86400]")
+    return value
+
+
 def cmd_serve(args) -> int:
+    if not all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn")):
+        from gpt2lab.errors import UserError
+
+        raise UserError("gpt2lab serve needs FastAPI and uvicorn: pip install 'gpt2lab[serve]'")
     from gpt2lab.serve.app import serve
 
     serve(args.run_dir, host=args.host, port=args.port, model_name=args.model_name, api_key=args.api_key,
           cors_origins=tuple(args.cors_origin or ()), max_batch=args.max_batch, device=args.device,
-          dtype=args.dtype, max_body=args.max_body_bytes)
+          dtype=args.dtype, max_body=args.max_body_bytes, allowed_hosts=tuple(args.allowed_host or ()),
+          timeout=args.timeout)
     return 0
 
 
@@ -47,6 +60,13 @@ def register(sub) -> None:
                    help="most sequences decoded together (default 32; 1 serves one at a time)")
     s.add_argument("--max-body-bytes", type=positive_int, default=1 << 20, metavar="N",
                    help="largest request body accepted (default 1048576)")
+    s.add_argument("--allowed-host", action="append", metavar="NAME",
+                   help="a Host name the server answers to besides localhost and the address it listens on, e.g. "
+                   "my-box.lan (repeatable; '*' answers to any, which lets other sites' pages in a browser reach "
+                   "a server on this machine)")
+    s.add_argument("--timeout", type=_seconds, default=30.0, metavar="SECONDS",
+                   help="how long a client may take to send its request, or stop reading its answer, before "
+                   "the request ends and its rows are freed (default 30)")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     s.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="fp32 or bf16 (default fp32)")
     s.set_defaults(func=cmd_serve)

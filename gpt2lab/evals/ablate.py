@@ -13,15 +13,19 @@ tokenizer.
 OUT/ablation.json is a list with one object per variant: name, flags, params, tokens_per_sec (the
 mean of the logged steps after the first), val_loss, val_bpb, steps, seconds and the validation
 curve. OUT/ablation.png plots the curves. Run it again on the same --out and it goes on where it
-stopped: finished variants are kept, an interrupted one resumes from its last checkpoint.
+stopped: finished variants are kept, an interrupted one resumes from its last checkpoint, and rows of
+variants the new command does not name stay in ablation.json. A variant whose settings differ from the
+ones it was trained with (a changed shared flag included) is refused, naming the settings, or with
+--retrain trained again.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from gpt2lab import io
@@ -29,7 +33,7 @@ from gpt2lab.checkpoint import open_run
 from gpt2lab.errors import UserError
 from gpt2lab.evals.benchmarks import run_benchmark
 from gpt2lab.train.checkpoints import list_checkpoints
-from gpt2lab.train.config import TrainConfig, build
+from gpt2lab.train.config import TrainConfig, build, flag
 from gpt2lab.train.plan import count_params
 from gpt2lab.train.pretrain import pretrain
 
@@ -46,7 +50,7 @@ def parse_variant(spec: str) -> tuple[str, str]:
     return name, flags.strip()
 
 
-def _record(run_dir: Path, name: str, flags: str, result, seconds: float) -> dict:
+def _record(run_dir: Path, name: str, flags: str, seconds: float) -> dict:
     """The row of a finished variant: its size, speed and held-out scores."""
     info = open_run(run_dir)
     model, tok = info.load()
@@ -63,8 +67,36 @@ def _record(run_dir: Path, name: str, flags: str, result, seconds: float) -> dic
             "seconds": round(seconds, 1), "curve": curve, "run_dir": str(run_dir)}
 
 
-def ablate(shared: dict, variants: list[tuple[str, dict, str]], out: str, progress: bool = True) -> list[dict]:
-    """Train each (name, its settings, its flags as typed) with the `shared` settings; return the rows."""
+# settings that change how a run is watched, not what it learns: a variant may differ in these and be kept
+WATCHING = {"out", "resume", "log_every", "tensorboard", "device", "sample_every", "sample_tokens", "keep_checkpoints",
+            "checkpoint_every", "eval_every", "eval_batches", "compile"}
+
+
+def _differences(run_dir: Path, cfg: TrainConfig) -> list[str]:
+    """The settings (as flags) in which the run in `run_dir` differs from `cfg`, "--name stored -> wanted"."""
+    stored = open_run(run_dir).config.get("train") or {}
+    wanted = asdict(cfg)
+    out = []
+    for name, value in wanted.items():
+        if name in WATCHING or name not in stored:
+            continue
+        old = stored[name]
+        if name in ("data", "init_from") and isinstance(old, str) and isinstance(value, str):
+            if Path(old).resolve() == Path(value).resolve():
+                continue
+        if old != value:
+            out.append(f"{flag(name)} {old} -> {value}")
+    return out
+
+
+def ablate(shared: dict, variants: list[tuple[str, dict, str]], out: str, progress: bool = True,
+           retrain: bool = False) -> list[dict]:
+    """Train each (name, its settings, its flags as typed) with the `shared` settings; return the rows.
+
+    A variant already in `out` is kept when it was trained with the same settings (it resumes if it did not
+    finish); one whose settings differ (the shared ones or its own) is refused, naming them, or with
+    `retrain` trained again from scratch. Rows of variants that this command does not name stay in
+    ablation.json."""
     out = Path(out)
     names = [n for n, _, _ in variants]
     if len(set(names)) != len(names):
@@ -75,38 +107,48 @@ def ablate(shared: dict, variants: list[tuple[str, dict, str]], out: str, progre
     if (out / RESULTS).is_file():
         for row in io.read_json(out / RESULTS, "ablation results"):
             done[row["name"]] = row
-    else:
+    configs = {}
+    for name, settings, _ in variants:  # every variant is checked before any trains
+        values = {**shared, **settings, "out": str(out / name)}
+        cfg = configs[name] = build(TrainConfig, values)
+        if (out / name / "config.json").is_file():
+            changed = _differences(out / name, cfg)
+            if changed and not retrain:
+                raise UserError(f"variant {name!r} in {out} was trained with other settings ({'; '.join(changed)}); "
+                                "pass --retrain to train it again with these, or choose another --out")
+            if changed:
+                shutil.rmtree(out / name)
+                done.pop(name, None)
+    if not (out / RESULTS).is_file():
         out.mkdir(parents=True, exist_ok=True)
         io.write_json(out / RESULTS, [])  # the directory is an ablation from now on (and resumes as one)
     rows = []
     for name, settings, flags in variants:
-        run_dir = out / name
-        previous = done.get(name)
-        if previous is not None and previous.get("flags") == flags and (run_dir / "model.safetensors").is_file():
-            rows.append(previous)
-            continue
-        values = {**shared, **settings, "out": str(run_dir)}
-
+        run_dir, cfg = out / name, configs[name]
         finished = (run_dir / "model.safetensors").is_file()
-        if previous is not None and previous.get("flags") != flags:
-            raise UserError(f"variant {name!r} was trained with other flags ({previous.get('flags')!r}); give it "
-                            "another name, or another --out")
+        if finished and name in done:
+            rows.append({**done[name], "flags": flags})
+            continue
+        seconds = 0.0
         if not finished:
-            values["resume"] = bool(list_checkpoints(run_dir))
-            cfg = build(TrainConfig, values)
+            cfg.resume = bool(list_checkpoints(run_dir))
             if progress:
                 print(f"=== {name}: {flags or '(the shared settings)'}", flush=True)
             start = time.time()
-            result = pretrain(cfg, {k: v for k, v in values.items() if k in {f.name for f in fields(TrainConfig)}})
+            values = {**shared, **settings, "out": str(run_dir), "resume": cfg.resume}
+            pretrain(cfg, {k: v for k, v in values.items() if k in {f.name for f in fields(TrainConfig)}})
             seconds = time.time() - start
-        else:
-            result, seconds = None, 0.0
-        rows.append(_record(run_dir, name, flags, result, seconds))
-        io.write_json(out / RESULTS, rows + [r for n, r in done.items() if n not in {x["name"] for x in rows}
-                                             and n not in names])
-    io.write_json(out / RESULTS, rows)
+        rows.append(_record(run_dir, name, flags, seconds))
+        io.write_json(out / RESULTS, _all_rows(rows, done))
+    io.write_json(out / RESULTS, _all_rows(rows, done))
     plot(rows, out / PLOT)
     return rows
+
+
+def _all_rows(rows: list[dict], done: dict) -> list[dict]:
+    """This command's rows, then those of earlier commands' other variants (every finished row is kept)."""
+    named = {r["name"] for r in rows}
+    return rows + [r for n, r in done.items() if n not in named]
 
 
 def table(rows: list[dict]) -> str:

@@ -33,7 +33,7 @@ import torch
 from gpt2lab import io
 from gpt2lab.errors import UserError
 from gpt2lab.evals.benchmarks import TaskResult
-from gpt2lab.generate import generate_batch, generate_group
+from gpt2lab.generate import fit_to_context, generate_batch, generate_group
 from gpt2lab.templates import encode_messages, get_format
 from gpt2lab.text import cut_at_stop, split_thinking
 
@@ -67,15 +67,31 @@ class CheckableTask:
             if held_out(record["prompt"]) == want_held_out:
                 yield record
 
-    def heldout(self, n: int, seed: int = 0) -> list[dict]:
-        """n distinct held-out records."""
-        out, seen = [], set()
-        for record in self.prompts(seed, "heldout"):
-            if record["prompt"] not in seen:
-                seen.add(record["prompt"])
-                out.append(record)
+    def distinct(self, n: int, seed: int = 0, split: str = "train") -> list[dict]:
+        """Up to n distinct records of a split. A task at a low difficulty has few distinct prompts: when a
+        long run of draws brings no new one, the split is exhausted and what was found is all there is."""
+        out, seen, since_new = [], set(), 0
+        patience = 5000
+        for record in self.prompts(seed, split):
+            if record["prompt"] in seen:
+                since_new += 1
+                if since_new > max(patience, 20 * len(out)):
+                    break
+                continue
+            seen.add(record["prompt"])
+            out.append(record)
+            since_new = 0
             if len(out) == n:
-                return out
+                break
+        return out
+
+    def heldout(self, n: int, seed: int = 0, flag: str | None = "--limit") -> list[dict]:
+        """n distinct held-out records. A task with fewer is a UserError naming `flag` (the setting that asked
+        for n) and how many there are; with flag None, all it has."""
+        out = self.distinct(n, seed, "heldout")
+        if len(out) < n and flag is not None:
+            raise UserError(f"task {self.name} at difficulty {self.difficulty} has {len(out)} held-out prompts; "
+                            f"ask for at most {len(out)} ({flag} {len(out)}), or raise --difficulty")
         return out
 
     def solution(self, record: dict) -> tuple[str, str]:
@@ -242,21 +258,48 @@ def load_reward(spec: str):
 
 
 class FileTask(CheckableTask):
-    """Prompts from a JSONL file, rewards from the user's function."""
+    """Prompts from a JSONL file, rewards from the user's function. The held-out prompts (scored, never
+    trained on) come from `val_prompts`, or else every k-th record of the file is held out (k = 1 /
+    val_fraction; at least one record on each side)."""
 
     name = "file"
 
     def __init__(self, prompts: str, reward: str):
         self.difficulty, self.format_reward = 1, 0.0
-        self.records = []
-        for where, record in io.read_records(prompts, "prompts file"):
-            if not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
-                raise UserError(f"{where} has no text \"prompt\"; each record needs one")
-            self.records.append((where, record))
-        if not self.records:
-            raise UserError(f"{prompts} holds no prompts")
+        self.path, self.records, self.val_records = prompts, self._read(prompts), []
         self.fn, self.spec = load_reward(reward), reward
         self.where = {id(r): w for w, r in self.records}
+        self.split = f"{len(self.records)} prompts, none held out"
+
+    def hold_out(self, val_prompts: str | None = None, val_fraction: float = 0.2) -> None:
+        """Set the held-out prompts apart: those of `val_prompts`, or every k-th record (k = 1/val_fraction, at
+        least one on each side); `split` says what was done."""
+        records = self.records
+        if val_prompts:
+            self.val_records = [r for _, r in self._read(val_prompts)]
+            self.split = f"{len(records)} prompts to train on, {len(self.val_records)} held out ({val_prompts})"
+        elif val_fraction > 0:
+            k = max(2, round(1 / val_fraction))
+            held = {i for i in range(len(records)) if i % k == k - 1} or {len(records) - 1}
+            if len(held) >= len(records):
+                raise UserError(f"{self.path} holds {len(records)} prompt(s): too few to hold some out for the "
+                                "evaluation; add prompts, or give the held-out ones with --val-prompts FILE")
+            self.records = [r for i, r in enumerate(records) if i not in held]
+            self.val_records = [records[i][1] for i in sorted(held)]
+            self.split = (f"{len(self.records)} prompts to train on, {len(held)} held out (every {k}th record of "
+                          f"{self.path}; --val-prompts FILE chooses them)")
+        self.where.update({id(r): "a held-out prompt" for r in self.val_records})
+
+    @staticmethod
+    def _read(path: str) -> list[tuple[str, dict]]:
+        out = []
+        for where, record in io.read_records(path, "prompts file"):
+            if not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
+                raise UserError(f"{where} has no text \"prompt\"; each record needs one")
+            out.append((where, record))
+        if not out:
+            raise UserError(f"{path} holds no prompts")
+        return out
 
     def reward(self, record: dict, completion: str) -> float:
         where = self.where.get(id(record), "a record")
@@ -293,12 +336,13 @@ def score_task(model, tokenizer, fmt, task: CheckableTask, records: list[dict], 
     """pass@1 (greedy) of a model on records, and with `samples` > 0 pass@k from that many sampled answers
     each (the unbiased estimator). Returns the metrics and one row per record ("rows")."""
     block = model.config.block_size
-    prompts = [encode_messages(tokenizer, [{"role": "user", "content": r["prompt"]}], fmt,
-                               add_generation_prompt=True)[0][-(block - max_new_tokens):] for r in records]
+    fitted = [fit_to_context(encode_messages(tokenizer, [{"role": "user", "content": r["prompt"]}], fmt,
+                                             add_generation_prompt=True)[0], max_new_tokens, block) for r in records]
+    prompts, rooms = [p for p, _ in fitted], [n for _, n in fitted]
     rows = []
     for start in range(0, len(records), batch_size):
         chunk = prompts[start:start + batch_size]
-        room = min(max_new_tokens, block - max(len(p) for p in chunk))
+        room = min(rooms[start:start + batch_size])
         outs = generate_batch(model, chunk, room, temperature=0, stop_ids={tokenizer.eot_id},
                               pad_id=tokenizer.eot_id)
         for record, out in zip(records[start:start + batch_size], outs):
@@ -331,7 +375,7 @@ def eval_task(name: str, difficulty: int = 1, samples: int = 0, k: int = 1, max_
 
     def run(model, tokenizer, info, data, limit=None, progress=False):
         task = get_task(name, difficulty)
-        records = task.heldout(limit or n, seed=0)
+        records = task.heldout(limit, seed=0) if limit else task.heldout(n, seed=0, flag=None)
         metrics = score_task(model, tokenizer, get_format(info.template), task, records, max_new_tokens, k=k,
                              samples=samples, temperature=temperature)
         rows = metrics.pop("rows")

@@ -17,7 +17,7 @@ from gpt2lab.client import Client, api_base
 from gpt2lab.data.records import read_instructions
 from gpt2lab.errors import UserError
 from gpt2lab.evals.benchmarks import TaskResult
-from gpt2lab.generate import answer
+from gpt2lab.generate import answer, fit_to_context
 from gpt2lab.metrics import progress as progress_bar
 from gpt2lab.templates import encode_messages, get_format, record_messages
 
@@ -89,8 +89,7 @@ def generate_answer(model, tokenizer, fmt, record: dict, max_new_tokens: int = 1
     fmt = get_format(fmt) if not hasattr(fmt, "segments") else fmt
     messages = [m for m in record_messages(record) if m["role"] != "assistant"]
     ids, _ = encode_messages(tokenizer, messages, fmt, add_generation_prompt=True)
-    room = max(0, min(max_new_tokens, model.config.block_size - 1))
-    ids = ids[-(model.config.block_size - room):] if room else ids
+    ids, room = fit_to_context(ids, max_new_tokens, model.config.block_size)
     return answer(model, tokenizer, ids, room, stop=fmt.stop).strip()
 
 

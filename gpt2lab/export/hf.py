@@ -97,6 +97,9 @@ def import_hf(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool
     out = Path(out)
     local = Path(src).expanduser()
     io.check_output_dir(out, "run", overwrite=overwrite, flag="--out", inputs=[local] if local.exists() else [])
+    if io.dir_kind(out) == "run" and open_run(out).config.get("task") != "import-hf":
+        raise UserError(f"--out {out} holds a run that import-hf did not write (a trained or fine-tuned one); "
+                        "--overwrite replaces only an earlier import, choose another --out")
     directory, source = _resolve_source(str(src))
     io.check_not_an_input(out, [directory], "--out")
     hf_config = _read_json(directory / "config.json", f"{directory} is not a Hugging Face model directory "

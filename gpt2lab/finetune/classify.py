@@ -52,6 +52,7 @@ from gpt2lab.finetune.classify_data import (
     read_examples,
 )
 from gpt2lab.finetune.config import TRAIN_MODES, ClassifyConfig
+from gpt2lab.io import file_sha256
 from gpt2lab.model import lora as lora_mod
 from gpt2lab.model.config import GPTConfig
 from gpt2lab.model.gpt import GPTClassifier
@@ -282,7 +283,7 @@ def _load_splits(cfg: ClassifyConfig) -> tuple[dict[str, list[Example]], dict]:
         examples = read_examples(cfg.data, **read)
         label_order([ex.label for ex in examples], cfg.labels)  # one class: say so before splitting
         splits = make_splits(examples, cfg.val_fraction, cfg.test_fraction, cfg.balance, cfg.seed)
-        info = {"source": str(Path(cfg.data).resolve()), "examples": len(examples),
+        info = {"source": str(Path(cfg.data).resolve()), "sha256": file_sha256(cfg.data), "examples": len(examples),
                 "balance": cfg.balance, "val_fraction": cfg.val_fraction,
                 "test_fraction": cfg.test_fraction, "seed": cfg.seed}
     else:
@@ -293,6 +294,7 @@ def _load_splits(cfg: ClassifyConfig) -> tuple[dict[str, list[Example]], dict]:
             path = getattr(cfg, name)
             splits[name] = read_examples(path, **read) if path else []
         info = {"files": {k: str(Path(p).resolve()) for k in SPLITS if (p := getattr(cfg, k))},
+                "sha256": {k: file_sha256(p) for k in SPLITS if (p := getattr(cfg, k))},
                 "balance": cfg.balance, "seed": cfg.seed}
     info.update(text_field=cfg.text_field, label_field=cfg.label_field, columns=cfg.columns,
                 sizes={k: len(v) for k, v in splits.items()})

@@ -99,7 +99,8 @@ class ClassifyConfig(LoopConfig):
     # the loop's settings, with classification's defaults
     epochs: float | None = opt(5.0, "passes over the training data; when given it sets --max-steps",
                                check=finite_range(0, lo_open=True))
-    batch_size: int = opt(8, "examples per micro-batch, per process", check=POSITIVE)
+    batch_size: int = opt(8, "examples per micro-batch, per process (may change on --resume: the examples per step "
+                          "stay the run's)", check=POSITIVE, resumable=True)
     lr: float = opt(5e-5, "AdamW learning rate", check=finite_range(0, 10, lo_open=True))
     lr_schedule: str = opt("constant", "constant (after the warmup) or cosine", choices=("cosine", "constant"))
     warmup_steps: int = opt(0, "steps of linear warmup", check=(lambda v: isinstance(v, int) and v >= 0,
@@ -163,11 +164,15 @@ class RLConfig(LoopConfig):
                               "fields), with --reward")
     reward: str | None = opt(None, "your own task's reward: PATH.py:FUNCTION, called as FUNCTION(prompt, "
                              "completion, record) -> float")
+    val_prompts: str | None = opt(None, "your own task: held-out prompts (JSONL) to score each evaluation on, never "
+                                  "trained on (default: every k-th record of --prompts, k = 1/--val-fraction)")
+    val_fraction: float = opt(0.2, "your own task without --val-prompts: the share of --prompts held out",
+                              check=FRACTION)
     format_reward: float = opt(0.0, "built-in tasks: the reward of a well-formed but wrong answer (partial credit)",
                                check=finite_range(0, 1, hi_open=True))
     group_size: int = opt(8, "samples per prompt; their rewards are compared with each other", check=POSITIVE)
-    batch_size: int = opt(4, "prompts per micro-batch, per process (each sampled --group-size times)",
-                          check=POSITIVE)
+    batch_size: int = opt(4, "prompts per micro-batch, per process (each sampled --group-size times; may change on "
+                          "--resume: the prompts per step stay the run's)", check=POSITIVE, resumable=True)
     max_new_tokens: int = opt(64, "the longest answer sampled", check=POSITIVE)
     temperature: float = opt(1.0, "sampling temperature of the answers", check=finite_range(0, 10, lo_open=True))
     scale_advantages: bool = opt(False, "divide each group's advantages by its standard deviation (GRPO); off: "

@@ -31,7 +31,7 @@ from gpt2lab import io
 from gpt2lab.errors import UserError
 from gpt2lab.evals.checkable import get_task
 from gpt2lab.finetune.sft import encode_record, pad_examples
-from gpt2lab.generate import stream
+from gpt2lab.generate import fit_to_context, stream
 from gpt2lab.templates import EOT_TEXT, encode_messages, get_format, record_messages, render_messages
 from gpt2lab.text import cut_at_stop, with_thinking
 from gpt2lab.train.task import lm_loss
@@ -168,11 +168,13 @@ def build_instruction_set(out_dir: str | os.PathLike, source: str | os.PathLike 
 
 
 def build_task_set(out_dir: str | os.PathLike, task: str, count: int, difficulty: int = 1, think: bool = False,
-                   heldout: int = 200, seed: int = 0, overwrite: bool = False) -> dict:
+                   heldout: int = 200, seed: int = 0, overwrite: bool = False,
+                   heldout_flag: str | None = "--heldout") -> dict:
     """Chat records of a built-in checkable task (gpt2lab.evals.checkable): `count` distinct train records from its
     train stream and `heldout` from its held-out set (never in train), each answer with its worked steps in
     a <think> section when `think`; and train.txt, the train records as text (one conversation a document).
-    For pretraining and SFT before RL, and to measure them."""
+    For pretraining and SFT before RL, and to measure them. A task with fewer held-out prompts than `heldout`
+    is a UserError naming `heldout_flag` (None: take all it has)."""
     if count < 1:
         raise UserError(f"--synthetic must be at least 1 with --task, got {count}")
     t = get_task(task, difficulty)
@@ -185,16 +187,9 @@ def build_task_set(out_dir: str | os.PathLike, task: str, count: int, difficulty
         return {"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": reply}],
                 "task": task, "answer": answer}
 
-    train, seen = [], set()
-    for draws, r in enumerate(t.prompts(seed, "train"), 1):
-        if r["prompt"] not in seen:
-            seen.add(r["prompt"])
-            train.append(record(r))
-            if len(train) == count:
-                break
-        if draws >= 20 * count:  # a small task has fewer distinct prompts than asked for: all it has
-            break
-    held = [record(r) for r in t.heldout(heldout, seed=seed)] if heldout else []
+    # a small task has fewer distinct prompts than asked for: all it has (the counts say so)
+    train = [record(r) for r in t.distinct(count, seed, "train")]
+    held = [record(r) for r in t.heldout(heldout, seed=seed, flag=heldout_flag)] if heldout else []
     counts = {"train": {task: len(train)}, "heldout": {task: len(held)}}
     # the train records as plain text too, one conversation a document, for a tokenizer and for pretraining
     # (`gpt2lab prepare --doc-separator '\n\n\n'` puts the <|endoftext|> before each)
@@ -234,8 +229,8 @@ def score_sft(model, tokenizer, records: list[dict], fmt="alpaca", max_new_token
             s["loss"] += lm_loss(model(x), y).item()
             s["scored"] += 1
         messages = [m for m in record_messages(r) if m["role"] != "assistant"]
-        prompt = encode_messages(tokenizer, messages, fmt, add_generation_prompt=True)[0][-(block - 1):]
-        room = min(max_new_tokens, block - len(prompt))
+        prompt, room = fit_to_context(encode_messages(tokenizer, messages, fmt, add_generation_prompt=True)[0],
+                                      max_new_tokens, block)
         # greedy, to the token limit, so that a clean stop (eot or the format's stop text) can be seen
         ids = list(stream(model, prompt, room, temperature=0))
         stop_at = ids.index(tokenizer.eot_id) if tokenizer.eot_id in ids else len(ids)

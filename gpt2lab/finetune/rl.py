@@ -30,10 +30,13 @@ from gpt2lab.data.order import GlobalOrder
 from gpt2lab.evals.checkable import CheckableTask, FileTask, answer_text, get_task, score_task
 from gpt2lab.finetune.base import FinetuneTask
 from gpt2lab.finetune.config import RLConfig
-from gpt2lab.generate import generate_group
+from gpt2lab.generate import fit_to_context, generate_group
+from gpt2lab.io import file_sha256
+from gpt2lab.metrics import console
 from gpt2lab.model.config import GPTConfig
 from gpt2lab.model.gpt import GPT
 from gpt2lab.templates import encode_messages, get_format
+from gpt2lab.train.config import defaults
 from gpt2lab.train.loop import train_task
 
 
@@ -94,14 +97,15 @@ class PromptLoader:
 
     def state_dict(self) -> dict:
         state = self.order.state_dict() if self.order is not None else {"position": self.position}
-        return {**state, "micro": self.micro}
+        return {**state, "micro": self.micro, "grad_accum": self.grad_accum}
 
     def load_state_dict(self, state: dict) -> None:
         if self.order is not None:
             self.order.load_state_dict(state, "prompts file")
         else:
             self.position = int(state["position"])
-        self.micro = int(state.get("micro", 0))
+        # checkpoints fall between steps: a resumed run with another accumulation goes on at the same step
+        self.micro = int(state.get("micro", 0)) // int(state.get("grad_accum", 1)) * self.grad_accum
 
 
 class RLTask(FinetuneTask):
@@ -118,15 +122,21 @@ class RLTask(FinetuneTask):
         self.format = get_format(self.base.template)
         if cfg.task:
             self.rl_task = get_task(cfg.task, cfg.difficulty, cfg.format_reward)
-            self.eval_records = self.rl_task.heldout(cfg.eval_prompts, seed=0)
+            default = cfg.eval_prompts == defaults(RLConfig)["eval_prompts"]  # (all the task has, if fewer)
+            self.eval_records = self.rl_task.heldout(cfg.eval_prompts, seed=0,
+                                                     flag=None if default else "--eval-prompts")
             identity = {"task": cfg.task, "difficulty": cfg.difficulty}
         else:
             self.rl_task = FileTask(cfg.prompts, cfg.reward)
             first = self.rl_task.records[0][1]
             self.rl_task.reward(first, "")  # a function that cannot score a record fails now, not mid-run
-            self.eval_records = [r for _, r in self.rl_task.records[:cfg.eval_prompts]]
+            self.rl_task.hold_out(cfg.val_prompts, cfg.val_fraction)
+            self.eval_records = self.rl_task.val_records[:cfg.eval_prompts]
+            console(f"RL on your prompts: {self.rl_task.split}")
             identity = {"prompts": str(Path(cfg.prompts).resolve()), "reward": cfg.reward,
-                        "records": len(self.rl_task.records)}
+                        "records": len(self.rl_task.records), "sha256": file_sha256(cfg.prompts)}
+            if cfg.val_prompts:
+                identity["val_sha256"] = file_sha256(cfg.val_prompts)
         self.data_identity = identity
         self.rollouts: dict[int, dict] = {}  # each micro-batch slot's samples, kept for --updates-per-batch > 1
 
@@ -163,8 +173,7 @@ class RLTask(FinetuneTask):
         gen = torch.Generator(device=ctx.device).manual_seed(seed)
         prompts, samples, rewards = [], [], []
         for record in records:
-            ids = self.prompt_ids(record)[-(block - 1):]
-            room = min(cfg.max_new_tokens, block - len(ids))
+            ids, room = fit_to_context(self.prompt_ids(record), cfg.max_new_tokens, block)
             group = generate_group(model, ids, cfg.group_size, room, cfg.temperature, generator=gen,
                                    stop_ids={self.tokenizer.eot_id})
             prompts.append(ids)

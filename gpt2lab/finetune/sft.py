@@ -21,7 +21,6 @@ and `output`; or chat JSONL, `{"messages": [{"role": "user"|"assistant"|"system"
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
@@ -32,6 +31,7 @@ from gpt2lab.data.records import read_instructions
 from gpt2lab.errors import UserError
 from gpt2lab.finetune.base import FinetuneTask
 from gpt2lab.finetune.config import SFTConfig
+from gpt2lab.io import file_sha256
 from gpt2lab.model.config import GPTConfig
 from gpt2lab.model.gpt import GPT
 from gpt2lab.model.lora import apply_lora
@@ -126,9 +126,10 @@ class SFTTask(FinetuneTask):
             val_records = [r for i, r in enumerate(records) if k and i % k == k - 1]
             train_records = [r for i, r in enumerate(records) if not (k and i % k == k - 1)]
         self.records = train_records, val_records
-        digest = hashlib.sha256(Path(cfg.data).read_bytes()).hexdigest()
-        self.data_identity = {"path": str(Path(cfg.data).resolve()), "sha256": digest,
+        self.data_identity = {"path": str(Path(cfg.data).resolve()), "sha256": file_sha256(cfg.data),
                               "train_records": len(train_records), "val_records": len(val_records)}
+        if cfg.val_data:
+            self.data_identity["val_sha256"] = file_sha256(cfg.val_data)
 
     def build_model(self, model_config: GPTConfig, resuming: bool) -> torch.nn.Module:
         model = GPT(model_config)

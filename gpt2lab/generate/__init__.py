@@ -8,8 +8,16 @@
 Every decoding step is a call of the model's one forward with a KV cache (gpt2lab.model).
 """
 
-from gpt2lab.generate.decode import answer, generate, generate_batch, generate_group, stream, stream_answer
+from gpt2lab.generate.decode import (
+    answer,
+    fit_to_context,
+    generate,
+    generate_batch,
+    generate_group,
+    stream,
+    stream_answer,
+)
 from gpt2lab.generate.sampling import check_settings, device_of, make_generator, sample_next
 
-__all__ = ["answer", "check_settings", "device_of", "generate", "generate_batch", "generate_group",
+__all__ = ["answer", "check_settings", "device_of", "fit_to_context", "generate", "generate_batch", "generate_group",
            "make_generator", "sample_next", "stream", "stream_answer"]

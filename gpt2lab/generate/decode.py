@@ -39,6 +39,15 @@ from gpt2lab.model.gpt import GPT
 from gpt2lab.text import StopText, StreamDecoder
 
 
+def fit_to_context(ids: list[int], max_new_tokens: int, block: int) -> tuple[list[int], int]:
+    """(prompt ids, new tokens) that fit together in a context of `block` tokens: the answer gets all it asks
+    for when the prompt leaves room, and at least half the context (or what it asks for, if less) when not;
+    the prompt keeps its end (and at least one token). Every scorer that generates into a fixed context
+    (checkable tasks, RL, the judge, instruction scoring) fits its lengths here."""
+    room = min(max_new_tokens, max(block - len(ids), block // 2), block - 1)
+    return list(ids[-(block - room):]), room
+
+
 def stream(model: GPT, prompt_ids: list[int], max_new_tokens: int = 100, temperature: float = 1.0,
            top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
            generator: torch.Generator | None = None, stop_ids: Iterable[int] = (),

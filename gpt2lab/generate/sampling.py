@@ -39,9 +39,11 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 
     top_k keeps the k most likely tokens, top_p the smallest set of most likely
     tokens whose probability reaches p; with both, a token must pass both.
+    Settings too small for float32 cannot make NaN: a temperature that is 0 in
+    float32 is greedy, and top_p always keeps the most likely token.
     """
     _check_finite(logits)
-    if temperature == 0:
+    if temperature == 0 or torch.tensor(temperature, dtype=torch.float32).item() == 0:
         return logits.argmax(dim=-1)
     logits = logits.float()
     # subtract the maximum first: a tiny temperature then sends the others to -inf, never to NaN
@@ -54,6 +56,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
         probs = sorted_logits.softmax(dim=-1)
         # drop a token when the more likely ones before it already hold top_p of the mass
         drop = probs.cumsum(dim=-1) - probs >= top_p
+        drop[..., 0] = False  # the most likely token stays, however small top_p is
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)

@@ -18,6 +18,7 @@ from gpt2lab.io.files import (
     RunLock,
     atomic_file,
     atomic_path,
+    file_sha256,
     fsync_dir,
     publish,
     read_bytes,
@@ -38,6 +39,6 @@ from gpt2lab.io.outputs import FILE_KINDS, check_not_an_input, check_output_dir,
 
 __all__ = ["DATA_META", "EXPORT_MARKER", "FILE_KINDS", "INSTRUCTIONS_MARKER", "KIND_NAMES", "RUN_CONFIG",
            "TOKENIZER_JSON", "WRITE_ERRNOS", "RunLock", "atomic_file", "atomic_path", "check_not_an_input",
-           "check_output_dir", "check_output_file", "dir_kind", "fsync_dir", "publish", "read_bytes", "read_json",
-           "read_json_object", "read_jsonl", "read_records", "read_text", "remove_stale_temps", "staging",
-           "temp_name", "write_bytes", "write_json", "write_jsonl", "write_text"]
+           "check_output_dir", "check_output_file", "dir_kind", "file_sha256", "fsync_dir", "publish", "read_bytes",
+           "read_json", "read_json_object", "read_jsonl", "read_records", "read_text", "remove_stale_temps",
+           "staging", "temp_name", "write_bytes", "write_json", "write_jsonl", "write_text"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import gzip
+import hashlib
 import json
 import os
 import shutil
@@ -257,6 +258,15 @@ def read_records(path: str | os.PathLike, what: str = "records file") -> list[tu
             out.append((f"{path}: record {i}", r))
         return out
     return [(f"{path}:{lineno}", r) for lineno, r in read_jsonl(path, what)]
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes, read in blocks (what run dirs record of their data files)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
 
 
 class RunLock:

@@ -9,8 +9,9 @@ import json
 import math
 from dataclasses import dataclass, field
 
-MAX_N = 16  # choices per request
+MAX_N = 16  # choices per prompt
 MAX_PROMPTS = 64  # prompts of one completions request
+MAX_CHOICES = 64  # choices of one request, all its prompts together
 MAX_STOP = 8  # stop strings (OpenAI allows 4)
 MAX_TOP_LOGPROBS = 20
 
@@ -188,6 +189,14 @@ def parse_messages(data: dict) -> list[dict]:
             raise bad_request(f"{where}.content must be text", f"{where}.content")
         out.append({"role": role, "content": content})
     return out
+
+
+def check_choices(prompts: int, n: int) -> None:
+    """One request may hold at most MAX_CHOICES choices (prompts x n), so that no client can fill the queue
+    alone."""
+    if prompts * n > MAX_CHOICES:
+        raise bad_request(f"the request asks for {prompts} prompts x n={n} = {prompts * n} choices; at most "
+                          f"{MAX_CHOICES} per request, send the rest in another", "n")
 
 
 def parse_prompts(data: dict) -> list[str | list[int]]:

@@ -24,16 +24,24 @@ Requests share decoding steps: the scheduler runs the model in one worker thread
 its batch between steps; the event loop only parses, queues and writes. A client that disconnects
 cancels its job (its rows leave the batch before the next step).
 
-Errors are OpenAI's JSON, {"error": {"message", "type", "param", "code"}}: 400 for malformed JSON or
-fields and a prompt past the context, 401 for a missing or wrong key (when --api-key is set), 404 for
-an unknown model or path, 413 for a body past --max-body-bytes, 503 when the queue is full, 500 when
-generation itself fails. No request can stop the server: a failed step fails its own requests only.
+Errors are OpenAI's JSON, {"error": {"message", "type", "param", "code"}}, on every path: 400 for
+malformed JSON or fields and a prompt past the context, 401 for a missing or wrong key (when --api-key is
+set), 403 for a Host the server does not answer to, 404 for an unknown model or path, 408 for a body that
+does not arrive within --timeout, 413 for a body past --max-body-bytes, 415 for a body that is not
+`application/json`, 503 when the queue is full, 500 when generation itself fails. No request can stop
+the server or fail another's: a failed step or sample fails its own rows only.
+
+What the defaults protect against, for a server on this machine: other sites' pages in a browser (a
+Host it does not know is refused, so DNS rebinding cannot read answers; a POST must be JSON, which a
+page cannot send to another origin without a CORS preflight this server does not grant unless
+--cors-origin says so); one client filling the server (at most 64 choices a request, bodies up to
+--max-body-bytes); clients that stall (a body must arrive, and an answer be read, within --timeout
+seconds, or the request ends and its rows are freed).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import os
 import socket
@@ -52,7 +60,8 @@ from gpt2lab.checkpoint import open_run
 from gpt2lab.device import resolve_device
 from gpt2lab.errors import UserError
 from gpt2lab.serve import openai
-from gpt2lab.serve.api import APIError, bad_request, parse_messages, parse_params, parse_prompts
+from gpt2lab.serve.api import APIError, check_choices, parse_messages, parse_params, parse_prompts
+from gpt2lab.serve.guards import GuardHosts, check_key, check_model, read_json, trusted_hosts
 from gpt2lab.templates import get_format
 
 DEFAULT_MAX_BODY = 1 << 20
@@ -64,9 +73,12 @@ class Server:
     """What the routes share: the model being served and the server's settings."""
 
     def __init__(self, model, tokenizer, fmt, model_name: str, *, max_batch: int = 32, api_key: str | None = None,
-                 max_body: int = DEFAULT_MAX_BODY, cors_origins: tuple[str, ...] = ()):
+                 max_body: int = DEFAULT_MAX_BODY, cors_origins: tuple[str, ...] = (),
+                 allowed_hosts: tuple[str, ...] = (), bound_host: str = "127.0.0.1", timeout: float = 30.0):
         self.served = openai.ServedModel(model, tokenizer, fmt, model_name, max_batch=max_batch)
         self.api_key, self.max_body, self.cors_origins = api_key, max_body, tuple(cors_origins)
+        self.hosts = trusted_hosts(bound_host, allowed_hosts)
+        self.timeout = timeout  # seconds a client may take to send its body or to read its answer
 
     @property
     def scheduler(self):
@@ -85,56 +97,7 @@ class Server:
         return self.served.fmt
 
 
-# --------------------------------------------------------------------------------- requests
-
-
-def check_key(server: Server, request) -> None:
-    if server.api_key is None:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, given = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), server.api_key.encode()):
-        raise APIError(401, "a valid API key is required: send `Authorization: Bearer KEY` with the key the server "
-                       "was started with (--api-key)", "invalid_request_error", None, "invalid_api_key")
-
-
-async def read_json(server: Server, request) -> dict:
-    length = request.headers.get("content-length")
-    too_big = APIError(413, f"the request body is larger than the server's limit of {server.max_body} bytes",
-                       "invalid_request_error", None, "request_too_large")
-    if length is not None:
-        try:
-            if int(length) > server.max_body:
-                raise too_big
-        except ValueError:
-            raise bad_request("invalid Content-Length header") from None
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > server.max_body:
-            raise too_big
-
-    def no_constants(name):
-        raise ValueError(f"{name} is not valid JSON")
-
-    try:
-        data = json.loads(bytes(body), parse_constant=no_constants)
-    except (ValueError, RecursionError) as e:
-        raise bad_request(f"the request body is not valid JSON ({str(e)[:100]})") from None
-    if not isinstance(data, dict):
-        raise bad_request("the request body must be a JSON object")
-    return data
-
-
-def check_model(server: Server, data: dict) -> None:
-    model = data.get("model")
-    if model is None:
-        return
-    if not isinstance(model, str):
-        raise bad_request("`model` must be text", "model")
-    if model != server.name:
-        raise APIError(404, f"the model `{model[:100]}` does not exist; this server serves `{server.name}`",
-                       "invalid_request_error", "model", "model_not_found")
+# ---------------------------------------------------------------------------------- answers
 
 
 async def _disconnected(request) -> None:
@@ -143,9 +106,6 @@ async def _disconnected(request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
-
-
-# ---------------------------------------------------------------------------------- answers
 
 
 def sse(obj) -> bytes:
@@ -166,6 +126,9 @@ def _event_stream(run: openai.Run, chunks, include_usage: bool, usage_head: dict
                     yield sse({**chunk, "usage": None} if include_usage else chunk)
             except APIError as e:
                 yield sse(e.body())
+                return
+            except Exception as e:  # noqa: BLE001 - the headers are sent: the error goes into the stream
+                yield sse(APIError(500, f"internal error: {type(e).__name__}", "server_error").body())
                 return
             if include_usage:
                 yield sse({**usage_head, "choices": [], "usage": run.usage()})
@@ -201,13 +164,15 @@ async def _answer(server: Server, request, chat: bool) -> Response:
     p = parse_params(data, chat=chat, max_n=served.scheduler.max_batch)
     if chat:
         messages = parse_messages(data)
+        check_choices(1, p.n)
         prepared = [await asyncio.to_thread(served.prepare_chat, messages, p)]
         kind, chunks, fold = "chat.completion.chunk", openai.chat_chunks, openai.fold_chat
     else:
         prompts = parse_prompts(data)
+        check_choices(len(prompts), p.n)
         prepared = await asyncio.to_thread(lambda: [served.prepare_completion(x, p) for x in prompts])
         kind, chunks, fold = "text_completion", openai.completion_chunks, openai.fold_completion
-    run = openai.Run(served, prepared, p)
+    run = openai.Run(served, prepared, p, stall_timeout=server.timeout)
     top = openai.head(kind, served)
     if p.stream:
         return _event_stream(run, chunks(run, top), p.include_usage, top)
@@ -231,6 +196,7 @@ def create_app(server: Server):
 
     app = FastAPI(title="gpt2lab serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.server = server
+    app.add_middleware(GuardHosts, server=server)
     if server.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(server.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"], max_age=600)
@@ -308,7 +274,8 @@ def _listen(host: str, port: int):
 
 def serve(run_dir, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
           api_key: str | None = None, cors_origins: tuple[str, ...] = (), max_batch: int = 32,
-          device: str = "auto", dtype: str = "fp32", max_body: int = DEFAULT_MAX_BODY, ready=None) -> None:
+          device: str = "auto", dtype: str = "fp32", max_body: int = DEFAULT_MAX_BODY, ready=None,
+          allowed_hosts: tuple[str, ...] = (), timeout: float = 30.0) -> None:
     """Load the run and serve it until interrupted (the `gpt2lab serve` command)."""
     api_key = api_key if api_key is not None else os.environ.get("GPT2LAB_API_KEY")  # (a flag shows in `ps`)
     if api_key is not None and not api_key.strip():
@@ -328,7 +295,7 @@ def serve(run_dir, host: str = "127.0.0.1", port: int = 8000, model_name: str | 
         print(f"warning: serving on {host} without --api-key: anyone who can reach this machine can use the model",
               file=sys.stderr, flush=True)
     server = Server(model, tok, fmt, name, max_batch=max_batch, api_key=api_key, max_body=max_body,
-                    cors_origins=cors_origins)
+                    cors_origins=cors_origins, allowed_hosts=allowed_hosts, bound_host=host, timeout=timeout)
     app = create_app(server)
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host

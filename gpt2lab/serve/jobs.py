@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gpt2lab.errors import UserError
+from gpt2lab.generate import sample_next
 from gpt2lab.text import StopText, StreamDecoder
 
 
@@ -104,6 +105,76 @@ class Row:
         self.pending = -1  # the last sampled token: the next step's input
         self.infos: list[TokenInfo] = []  # tokens whose text has not been handed out yet
         self.done = False
+
+    def take(self, info: TokenInfo, eot: int | None) -> list[Event]:
+        """The events of this row's new token: text that is ready, and its finish (<|endoftext|>, a stop
+        string, or the token limit)."""
+        self.generated += 1
+        if info.id == eot:
+            return self._text(self.cutter.flush(self.decoder.flush())) + self._finish("stop")
+        self.infos.append(info)
+        events = self._text(self.cutter.push(self.decoder.push(info.id)))
+        if self.cutter.stopped:
+            return events + self._finish("stop")
+        if self.generated >= self.job.max_new_tokens:
+            return events + self._text(self.cutter.flush(self.decoder.flush())) + self._finish("length")
+        self.pending = info.id
+        return events
+
+    def _text(self, text: str) -> list[Event]:
+        if not text:
+            return []
+        event, self.infos = Text(self.index, text, self.infos), []
+        return [event]
+
+    def _finish(self, reason: str) -> list[Event]:
+        self.done = True
+        return [Finish(self.index, reason, self.generated)]
+
+
+def sample_rows(logits: torch.Tensor, rows: list[Row]) -> tuple[dict[int, TokenInfo], list[tuple[Row, str]]]:
+    """Each live row's next token from its logits (B, V): ({row index: token}, [(row, why it failed)]).
+
+    Greedy rows take the argmax; sampled rows without a seed are sampled together, one call per setting
+    (temperature, top-k, top-p); a seeded row draws from its own generator, as it would alone. A row whose
+    logits are not finite, or whose sampling fails, fails alone: the other rows get their tokens."""
+    finite = torch.isfinite(logits).all(dim=-1).tolist()
+    greedy = logits.argmax(dim=-1).tolist()
+    tokens: dict[int, int] = {}
+    failed: list[tuple[Row, str]] = []
+    groups: dict[tuple, list[int]] = {}
+    for b, r in enumerate(rows):
+        job = r.job
+        if r.done:
+            continue
+        if not finite[b]:
+            failed.append((r, "the model's logits are not finite (NaN or infinity): its weights are damaged"))
+        elif job.temperature == 0:
+            tokens[b] = greedy[b]
+        elif r.generator is None:
+            groups.setdefault((job.temperature, job.top_k, job.top_p), []).append(b)
+        else:
+            groups[("seeded", b)] = [b]
+    for index in groups.values():
+        job = rows[index[0]].job
+        try:
+            drawn = sample_next(logits[index], job.temperature, job.top_k, job.top_p, rows[index[0]].generator)
+            tokens.update(zip(index, drawn.tolist()))
+        except Exception as e:  # noqa: BLE001 - these rows fail; the others go on
+            failed += [(rows[b], f"sampling failed: {type(e).__name__}: {e}") for b in index]
+    wanted = [b for b in tokens if rows[b].job.logprobs is not None]
+    lp = dict(zip(wanted, logits[wanted].float().log_softmax(-1))) if wanted else {}
+    out = {}
+    for b, token in tokens.items():
+        info = TokenInfo(token)
+        if b in lp:
+            info.logprob = float(lp[b][token])
+            k = rows[b].job.logprobs
+            if k:
+                top = lp[b].topk(k)
+                info.top = list(zip(top.indices.tolist(), top.values.tolist()))
+        out[b] = info
+    return out, failed
 
 
 def prompt_logprobs(job: Job, start: int, logits: torch.Tensor, top: int) -> list[TokenInfo]:

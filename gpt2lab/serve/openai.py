@@ -91,11 +91,17 @@ class ServedModel:
 
 
 class Run:
-    """A request's jobs on the scheduler, and their events, on the event loop."""
+    """A request's jobs on the scheduler, and their events, on the event loop.
 
-    def __init__(self, served: ServedModel, prepared: list[Prepared], p: Params):
+    A client that stops reading holds rows of the batch: when its answer has waited unread for
+    `stall_timeout` seconds (or `max_unread` events pile up), its jobs are cancelled and their rows freed."""
+
+    def __init__(self, served: ServedModel, prepared: list[Prepared], p: Params, stall_timeout: float = 30.0,
+                 max_unread: int = 4096):
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
+        self.stall_timeout, self.max_unread = stall_timeout, max_unread
+        self.last_read, self.stalled = time.monotonic(), False
         self.served, self.prepared, self.p = served, prepared, p
         self.finished = 0
         self.total = len(prepared) * p.n
@@ -115,6 +121,14 @@ class Run:
 
     def _sink(self, k: int):
         def put(event):
+            waited = time.monotonic() - self.last_read
+            if self.queue.qsize() > self.max_unread or (self.queue.qsize() and waited > self.stall_timeout):
+                if not self.stalled:  # the client stopped reading: its rows go back to the batch
+                    self.stalled = True
+                    self.cancel()
+                    event = Failed(f"the client read nothing for {waited:.0f} s; the answer was stopped")
+                else:
+                    return
             self.loop.call_soon_threadsafe(self.queue.put_nowait, (k, event))
         return put
 
@@ -126,6 +140,7 @@ class Run:
         """(prompt index, choice index, event) until every choice finished; a failure raises APIError (500)."""
         while self.finished < self.total:
             k, ev = await self.queue.get()
+            self.last_read = time.monotonic()
             if isinstance(ev, Failed):
                 self.cancel()
                 raise APIError(500, ev.message, "server_error", None, "generation_failed")

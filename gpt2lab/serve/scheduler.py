@@ -36,10 +36,22 @@ from collections import deque
 import torch
 
 from gpt2lab.errors import UserError
-from gpt2lab.generate import check_settings, sample_next
+from gpt2lab.generate import check_settings
 from gpt2lab.model.cache import KVCache
 from gpt2lab.model.gpt import GPT
-from gpt2lab.serve.jobs import Busy, Event, Failed, Finish, Job, PromptLogprobs, Row, Text, TokenInfo, prompt_logprobs
+from gpt2lab.serve.jobs import (
+    Busy,
+    Event,
+    Failed,
+    Finish,
+    Job,
+    PromptLogprobs,
+    Row,
+    Text,
+    TokenInfo,
+    prompt_logprobs,
+    sample_rows,
+)
 
 __all__ = ["Busy", "Event", "Failed", "Finish", "Job", "PromptLogprobs", "Scheduler", "Text", "TokenInfo"]
 
@@ -312,70 +324,18 @@ class Scheduler:
         self._decode_cache.lengths = lengths
 
     def _sample(self, logits: torch.Tensor, rows: list[Row]) -> None:
-        """Sample each row's next token from its logits (B, V) and hand out the text.
-
-        Greedy rows take the argmax; sampled rows without a seed are sampled together, one call per
-        setting (temperature, top-k, top-p); a seeded row draws from its own generator, as it would alone.
-        A row whose logits are not finite fails alone."""
-        finite = torch.isfinite(logits).all(dim=-1).tolist()
-        greedy = logits.argmax(dim=-1).tolist()
-        tokens: dict[int, int] = {}
-        groups: dict[tuple, list[int]] = {}
-        for b, r in enumerate(rows):
-            job = r.job
-            if r.done:
-                continue
-            if not finite[b]:
-                r.done = job.cancelled = True
+        """Each row's next token from its logits (B, V), its text handed to the job; a row whose logits or
+        sampling fail leaves the batch alone, before the next step."""
+        tokens, failed = sample_rows(logits, rows)
+        for r, message in failed:
+            if not r.job.cancelled:
                 self.counters["failed"] += 1
-                self._emit(job, Failed("the model's logits are not finite (NaN or infinity): its weights are damaged"))
-            elif job.temperature == 0:
-                tokens[b] = greedy[b]
-            elif r.generator is None:
-                groups.setdefault((job.temperature, job.top_k, job.top_p), []).append(b)
-            else:
-                tokens[b] = int(sample_next(logits[b:b + 1], job.temperature, job.top_k, job.top_p, r.generator)[0])
-        for (temperature, top_k, top_p), index in groups.items():
-            drawn = sample_next(logits[index], temperature, top_k, top_p).tolist()
-            tokens.update(zip(index, drawn))
-        wanted = [b for b in tokens if rows[b].job.logprobs is not None]
-        lp = dict(zip(wanted, logits[wanted].float().log_softmax(-1))) if wanted else {}
-        for b, token in tokens.items():
-            info = TokenInfo(token)
-            if b in lp:
-                info.logprob = float(lp[b][token])
-                k = rows[b].job.logprobs
-                if k:
-                    top = lp[b].topk(k)
-                    info.top = list(zip(top.indices.tolist(), top.values.tolist()))
-            self._take(rows[b], token, info)
-
-    def _take(self, r: Row, token: int, info: TokenInfo) -> None:
-        r.generated += 1
-        self.counters["tokens"] += 1
-        job = r.job
-        if token == self.eot:
-            self._text(r, r.cutter.flush(r.decoder.flush()))
-            self._finish(r, "stop")
-            return
-        r.infos.append(info)
-        self._text(r, r.cutter.push(r.decoder.push(token)))
-        if r.cutter.stopped:
-            self._finish(r, "stop")
-        elif r.generated >= job.max_new_tokens:
-            self._text(r, r.cutter.flush(r.decoder.flush()))
-            self._finish(r, "length")
-        else:
-            r.pending = token
-
-    def _text(self, r: Row, text: str) -> None:
-        if text:
-            self._emit(r.job, Text(r.index, text, r.infos))
-            r.infos = []
-
-    def _finish(self, r: Row, reason: str) -> None:
-        r.done = True
-        self._emit(r.job, Finish(r.index, reason, r.generated))
+                self._emit(r.job, Failed(message))
+            r.done = r.job.cancelled = True
+        for b, info in tokens.items():
+            self.counters["tokens"] += 1
+            for event in rows[b].take(info, self.eot):
+                self._emit(rows[b].job, event)
 
 
 def _grow(cache: KVCache, need: int, block: int) -> None:

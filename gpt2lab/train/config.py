@@ -83,7 +83,9 @@ class LoopConfig:
     time_budget: float | None = opt(None, "train for about this many seconds: the first steps are timed and the "
                                     "run's length (and so its schedule) is set to fit",
                                     check=finite_range(0, lo_open=True))
-    batch_size: int = opt(8, "sequences per micro-batch, per process", check=POSITIVE)
+    batch_size: int = opt(8, "sequences per micro-batch, per process (may change on --resume, with the number of "
+                          "processes: the tokens per step stay the run's, the accumulation follows)", check=POSITIVE,
+                          resumable=True)
     seq_len: int | None = opt(None, "tokens per sequence (default: the model's context length)", check=POSITIVE)
     total_batch_tokens: int | None = opt(None, "tokens per optimizer step; gradient accumulation is derived "
                                          "from it (default: one micro-batch per process)", check=POSITIVE)

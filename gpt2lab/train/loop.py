@@ -87,6 +87,12 @@ class Trainer:
         micro_tokens = cfg.batch_size * self.seq_len * dist.world_size
         self.total_batch_tokens = cfg.total_batch_tokens or micro_tokens
         if self.total_batch_tokens % micro_tokens:
+            if resuming:
+                raise UserError(
+                    f"--batch-size {cfg.batch_size}: a micro-batch of {cfg.batch_size} x {self.seq_len} x "
+                    f"{dist.world_size} processes = {micro_tokens} tokens does not divide the run's "
+                    f"{self.total_batch_tokens} tokens per step; a resumed run keeps its tokens per step, choose "
+                    "a --batch-size (and number of processes) that divides them")
             raise UserError(
                 f"--total-batch-tokens {self.total_batch_tokens} is not a multiple of batch-size x seq-len x "
                 f"processes = {cfg.batch_size} x {self.seq_len} x {dist.world_size} = {micro_tokens}; "
@@ -127,7 +133,11 @@ class Trainer:
         self.step = 0
         self.elapsed_before = 0.0
         if resuming:
+            rundir.check_same_data(from_run, task.data_identity)
             resume.restore(self, self.claim.resume_from)
+            if self.max_steps < self.step:  # refused before config.json is written: nothing changes
+                raise UserError(f"--max-steps {self.max_steps} is below the step the run in {self.out} has reached "
+                                f"({self.step}); pass a larger --max-steps to train on (the run is unchanged)")
 
         if not self.fsdp:
             self.train_model = distributed.wrap(self.model, "ddp", dist, self.dtype, cfg.compile)

@@ -82,7 +82,7 @@ def restore(trainer, path: Path) -> None:
     if trainer.fsdp:
         distributed.load_sharded(trainer.model, trainer.optimizer, path / checkpoints.SHARDED)
     else:
-        load_weights(trainer.model, path / WEIGHTS_FILE)
+        load_weights(trainer.model, path / WEIGHTS_FILE, exact=True)
     try:
         if state.get("world_size") != dist.world_size and "data" not in state:
             raise UserError(f"{path} was written by {state.get('world_size')} processes, this run has "

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from gpt2lab import checkpoint as ckpt
 from gpt2lab import io
+from gpt2lab.checkpoint import RunInfo
 from gpt2lab.errors import UserError
 from gpt2lab.metrics import console
 from gpt2lab.train.checkpoints import list_checkpoints
@@ -106,6 +107,23 @@ def claim(cfg: LoopConfig, inputs: list[str], dist: DistInfo, claimed: Claim) ->
         claimed.lock.acquire()
     if has_run and claimed.resume_from is None and dist.is_main:
         console(f"{out} has no checkpoint yet: starting it again from step 0")
+
+
+# data identity entries that name where the data is, not what it is: a run may resume from a moved copy
+WHERE = {"path", "source", "files", "prompts", "val_prompts", "reward"}
+
+
+def check_same_data(run: RunInfo, now: dict | None) -> None:
+    """A resumed run trains on the data it started with: every entry of its recorded data identity (content
+    hashes, token and record counts, splits) must match the data given now; paths may differ."""
+    stored = run.config.get("data")
+    if not isinstance(stored, dict) or not isinstance(now, dict):
+        return
+    changed = [k for k in sorted(set(stored) & set(now)) if k not in WHERE and stored[k] != now[k]]
+    if changed:
+        what = ", ".join(f"{k} {str(stored[k])[:40]} -> {str(now[k])[:40]}" for k in changed)
+        raise UserError(f"the data given is not the data the run in {run.path} was trained on ({what}); resume "
+                        "with the run's own data, or start a new run with --init-from it")
 
 
 def write_config(out: Path, cfg: LoopConfig, task, model_config, resolved: dict) -> None:
