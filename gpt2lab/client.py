@@ -155,7 +155,8 @@ class Client:
 
     def _events(self, response, where: str) -> Iterator[dict]:
         """The JSON objects of a server-sent event stream, up to [DONE]; a stream that ends without it is
-        an error (the answer was cut)."""
+        an error (the answer was cut), and so is one of more than `max_bytes` in all."""
+        total = 0
         while True:
             try:
                 raw = response.readline(self.max_bytes + 1)
@@ -165,8 +166,9 @@ class Client:
             if not raw:
                 raise ServerError(f"{where} closed the stream before it ended ([DONE] never came); the answer is "
                                   "cut")
-            if len(raw) > self.max_bytes:
-                raise ServerError(f"{where} sent an event of more than {self.max_bytes} bytes; it is not an answer")
+            total += len(raw)
+            if total > self.max_bytes:
+                raise ServerError(f"{where} sent more than {self.max_bytes} bytes; it is not an answer")
             line = raw.decode("utf-8", "replace").strip()
             if not line.startswith("data:"):
                 continue  # blank lines, comments, event names

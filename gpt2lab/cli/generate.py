@@ -169,8 +169,11 @@ def _remote_chat(args) -> int:
         while True:
             try:
                 pieces = client.stream_chat(name, turns, **settings)
-                reply, thinking = [], False
+                reply, thinking, finish = [], False, None
                 for kind, piece in pieces:
+                    if kind == "finish":
+                        finish = piece
+                        continue
                     # the server sends a thinking section apart (reasoning_content): shown as the model wrote
                     # it, <think>...</think> before the answer, as `chat RUN_DIR` shows it (--think hide: not)
                     if kind == "reasoning" and not hide:
@@ -193,6 +196,9 @@ def _remote_chat(args) -> int:
                     continue
                 raise
         _write("\n")
+        if finish == "length":  # the server stopped it at the token limit: say so, the text is not whole
+            sys.stderr.write(f"(the answer was cut at {args.max_new_tokens} tokens; raise --max-new-tokens for "
+                             "longer ones)\n")
         # the answer goes on in the history, its thinking does not (as in `chat RUN_DIR`)
         history[:] = turns + [{"role": "assistant", "content": "".join(reply)}]
         return "".join(reply)
@@ -201,6 +207,8 @@ def _remote_chat(args) -> int:
 
 
 def _session(args, intro: str, answer, clear) -> int:
+    from gpt2lab.errors import UserError
+
     if args.p is not None:
         answer(unescape(args.p))
         return 0
@@ -228,6 +236,10 @@ def _session(args, intro: str, answer, clear) -> int:
             answer(text)
         except KeyboardInterrupt:  # Ctrl-C stops this answer, not the session
             _write("\n(stopped)\n")
+        except UserError as e:  # a failed turn (a server error, a cut stream) is one line; the session goes on
+            _write("\n")
+            sys.stderr.write(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}\n")
+            sys.stderr.flush()
 
 
 def _common(p, run_optional: bool = False) -> None:

@@ -46,6 +46,11 @@ class TaskResult:
     records: list[dict] = field(default_factory=list)  # one per example, for --predictions
 
 
+def _exp(x: float) -> float:
+    """exp(x), infinite rather than an OverflowError for a model that has diverged."""
+    return math.exp(x) if x < 709.0 else math.inf
+
+
 def _stderr(p: float, n: int) -> float | None:
     """Standard error of a mean of n 0/1 outcomes (the sample standard deviation / sqrt(n))."""
     return math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else None
@@ -101,7 +106,7 @@ def eval_lambada(model: GPT, tokenizer, examples: Sequence[tuple[str, str]], *, 
     acc = sum(r["correct"] for r in records) / n
     mean_lp = sum(s[0].logprob for s in scores) / n
     return TaskResult({"task": "lambada", "n": n, "acc": acc, "acc_stderr": _stderr(acc, n),
-                       "ppl": math.exp(-mean_lp)}, records)
+                       "ppl": _exp(-mean_lp)}, records)
 
 
 def loss_windows(n: int, block_size: int, stride: int) -> list[tuple[int, int, int]]:
@@ -164,7 +169,7 @@ def eval_loss(model: GPT, tokenizer, documents: Sequence[Sequence[int]], *, stri
     loss = total / tokens
     bpb = total / (math.log(2) * nbytes) if nbytes else None  # only <|endoftext|> was scored
     return TaskResult({"task": "loss", "n": len(records), "tokens": tokens, "bytes": nbytes, "loss": loss,
-                       "ppl": math.exp(loss), "bpb": bpb, "stride": stride}, records)
+                       "ppl": _exp(loss), "bpb": bpb, "stride": stride}, records)
 
 
 

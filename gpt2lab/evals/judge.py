@@ -28,9 +28,15 @@ PROMPT = ("Given the input `{prompt}` and correct output `{reference}`, score th
           "`{answer}` on a scale from 0 to 100, where 100 is the best score. "
           "Respond with the integer number only.")
 
-# an explicit verdict: "Score: 85", "score of 85", "85/100", "85 out of 100"
-_VERDICT = re.compile(r"(?i)\bscore\b\D{0,12}?(-?\d+(?:\.\d+)?)|(-?\d+(?:\.\d+)?)\s*(?:/|out of)\s*100\b")
-_BARE = re.compile(r"-?\d+(?:\.\d+)?")
+_NUMBER = r"(-?\d+(?:\.\d+)?)"
+# a scale the reply restates, which holds numbers that are no score: "(0-100)", "from 0 to 100", "scale of 10"
+_SCALE = re.compile(r"(?i)\(?\s*\b(?:from\s+)?[01]\s*(?:-|\u2013|\u2014|to)\s*(?:5|10|100)\b\s*\)?"
+                    r"|\bscale\s+of\s+(?:5|10|100)\b")
+# a score over a maximum: "85/100", "85 out of 100", "8/10" (read as 80)
+_FRACTION = re.compile(rf"(?i){_NUMBER}\s*(?:/|out\s+of)\s*(100|10|5)\b")
+# an explicit verdict: "Score: 85", "score of 85", "Rating: 85", "I rate it 85", "I'd give it a 75"
+_VERDICT = re.compile(rf"(?i)\b(?:scores?|scored|rating|rate[sd]?|grade|give[sn]?)\b[^\d\n-]{{0,20}}?{_NUMBER}")
+_BARE = re.compile(rf"{_NUMBER}\s*%?")
 
 
 def completions_url(url: str) -> str:
@@ -46,21 +52,26 @@ def judge_prompt(instruction: str, input: str, reference: str, answer: str) -> s
 def parse_score(text) -> int | None:
     """The judge's score from 0 to 100, or None when the reply does not give one clearly.
 
-    The reply is asked to be the number only; a reply that is just a number (markdown and a final
-    period allowed) is read as it is. Otherwise the last explicit verdict counts ("Score: 85",
-    "85/100", "85 out of 100"), never a number that merely appears in the text. A number outside
-    0..100, or not a whole number, is no score.
+    The reply is asked to be the number only; a reply that is just a number (markdown, a final period or
+    a % allowed) is read as it is. Otherwise the last explicit verdict counts: "Score: 85", "Rating: 85",
+    "I rate it 85", "85/100", "85 out of 100", or "8/10" (read as 80); a scale the reply restates ("Score
+    (0-100): 85") is not a score, and neither is a number that merely appears in the text. A number
+    outside 0..100, or not a whole number, is no score.
     """
     if not isinstance(text, str):
         return None
     bare = text.strip().rstrip(".").strip("*_`\"' ").rstrip(".").strip()
     if _BARE.fullmatch(bare):
-        value = float(bare)
+        value = float(_BARE.fullmatch(bare).group(1))
     else:
-        found = [m.group(1) or m.group(2) for m in _VERDICT.finditer(text)]
+        clean = _SCALE.sub(lambda m: " " * len(m.group(0)), text)  # (same length: positions stay)
+        found = [(m.end(), float(m.group(1)) * 100 / int(m.group(2)), m.span(1)) for m in _FRACTION.finditer(clean)]
+        inside = [span for _, _, span in found]
+        found += [(m.end(), float(m.group(1)), m.span(1)) for m in _VERDICT.finditer(clean)
+                  if not any(a <= m.start(1) < b for a, b in inside)]
         if not found:
             return None
-        value = float(found[-1])
+        value = max(found)[1]
     if not value.is_integer() or not 0 <= value <= 100:
         return None
     return int(value)

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from gpt2lab.data.order import GlobalOrder
-from gpt2lab.evals.checkable import CheckableTask, FileTask, answer_text, get_task, score_task
+from gpt2lab.evals.checkable import CheckableTask, answer_text, get_task, score_task
+from gpt2lab.evals.prompts import FileTask
 from gpt2lab.finetune.base import FinetuneTask
 from gpt2lab.finetune.config import RLConfig
 from gpt2lab.generate import fit_to_context, generate_group

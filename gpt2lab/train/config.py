@@ -82,7 +82,7 @@ class LoopConfig:
                                check=finite_range(0, lo_open=True))
     time_budget: float | None = opt(None, "train for about this many seconds: the first steps are timed and the "
                                     "run's length (and so its schedule) is set to fit",
-                                    check=finite_range(0, lo_open=True))
+                                    check=finite_range(0, 1e8, lo_open=True))
     batch_size: int = opt(8, "sequences per micro-batch, per process (may change on --resume, with the number of "
                           "processes: the tokens per step stay the run's, the accumulation follows)", check=POSITIVE,
                           resumable=True)
