@@ -38,6 +38,7 @@ from gpt2lab.errors import UserError
 from gpt2lab.model import lora
 from gpt2lab.model.config import GPTConfig
 from gpt2lab.model.gpt import GPT, GPTClassifier
+from gpt2lab.model.quantize import quantize as quantize_model
 from gpt2lab.templates import FORMATS
 from gpt2lab.tokenizer import load_tokenizer_file
 from gpt2lab.weights import (
@@ -209,7 +210,7 @@ def build_model(info: RunInfo) -> torch.nn.Module:
 
 def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", *, merge_lora: bool = True,
              weights: str | os.PathLike | None = None, fast_tokenizer: bool = True, kind: str | None = None,
-             flag: str | None = None):
+             flag: str | None = None, dtype: str | None = None, quantize: str | None = None):
     """(model, tokenizer) of any run dir: language model or classifier, with or without LoRA adapters.
 
     A LoRA run's adapters are merged into the weights (`merge_lora=False` keeps them as adapters:
@@ -218,12 +219,14 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", *, 
     naming the command that takes it. The model is returned in eval mode.
     """
     return open_run(run_dir, flag).load(device, merge_lora=merge_lora, weights=weights,
-                                        fast_tokenizer=fast_tokenizer, kind=kind)
+                                        fast_tokenizer=fast_tokenizer, kind=kind, dtype=dtype, quantize=quantize)
 
 
 def _load(info: RunInfo, device: str | torch.device = "cpu", *, merge_lora: bool = True,
-          weights: str | os.PathLike | None = None, fast_tokenizer: bool = True, kind: str | None = None):
-    """`RunInfo.load`: the run's (model, tokenizer)."""
+          weights: str | os.PathLike | None = None, fast_tokenizer: bool = True, kind: str | None = None,
+          dtype: str | None = None, quantize: str | None = None):
+    """`RunInfo.load`: the run's (model, tokenizer); for inference, cast to `dtype` ("bf16") and/or with
+    int8 weights (`quantize`, model/quantize.py)."""
     run_dir, flag = info.path, info.flag
     where = f"{flag} {run_dir}" if flag else str(run_dir)
     if kind == "lm" and info.kind == "classifier":
@@ -255,7 +258,12 @@ def _load(info: RunInfo, device: str | torch.device = "cpu", *, merge_lora: bool
             lora.merge_lora(model)
         else:
             lora.freeze_all_but_adapters(model)
-    return model.to(device).eval(), tokenizer
+    model = model.to(device).eval()
+    if dtype == "bf16":  # fast on GPUs, and on CPUs with AVX512-BF16 or AMX
+        model = model.to(torch.bfloat16)
+    if quantize is not None:
+        model = quantize_model(model, quantize)
+    return model, tokenizer
 
 
 def write_merged_run(run_dir: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:

@@ -86,6 +86,7 @@ def cmd_eval(args) -> int:
                                     args.temperature)
     results = evaluate_run(args.run_dir, tasks, data, limit=args.limit, batch_size=args.batch_size,
                            stride=args.stride, device=args.device, dtype=args.dtype, progress=not args.quiet,
+                           quantize=args.quantize,
                            extra_tasks=extra)
     print(format_table(results), flush=True)
     if args.output:
@@ -122,6 +123,8 @@ def register(sub) -> None:
                    help="loss: tokens between sliding windows (default half the context; the context "
                    "itself gives windows that do not overlap)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="score the model with int8 weights (as --quantize int8 decodes), to measure what it costs")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
                    help="bf16 autocast (GPUs, and CPUs with AVX512-BF16 or AMX) (default fp32)")
     p.add_argument("--output", metavar="FILE.json", help="write the metrics: a list of {task, n, ...} (an "

@@ -23,9 +23,8 @@ def _top_p(text: str) -> float:
 
 
 def _load(args):
-    """(model, tokenizer, chat format) of the run dir, on the device and in the dtype asked for."""
-    import torch
-
+    """(model, tokenizer, chat format) of the run dir, on the device, in the dtype and with the weights asked
+    for; args.drafter is set for speculative decoding and args.compile resolved for the device."""
     from gpt2lab.checkpoint import open_run
     from gpt2lab.device import resolve_device
     from gpt2lab.generate import check_settings
@@ -34,10 +33,38 @@ def _load(args):
     check_settings(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     device = resolve_device(args.device)
     info = open_run(args.run_dir)
-    model, tok = info.load(device, kind="lm")
-    if args.dtype == "bf16":  # fast on GPUs, and on CPUs with AVX512-BF16 or AMX
-        model = model.to(torch.bfloat16)
+    model, tok = info.load(device, kind="lm", dtype=args.dtype, quantize=args.quantize)
+    args.drafter = _drafter(args, info, device)
+    if args.compile is None:  # measured to help with CUDA graphs, not on the CPU (bench/generate.py)
+        args.compile = device.type == "cuda" and args.quantize is None
     return model, tok, get_format(info.template)
+
+
+def _drafter(args, info, device):
+    """The speculative decoder's guesser: --speculative ngram, or --draft RUN (the same tokenizer)."""
+    from gpt2lab.checkpoint import open_run
+    from gpt2lab.errors import UserError
+    from gpt2lab.generate.speculative import DraftModel, PromptLookup
+
+    if args.draft is not None and args.speculative == "ngram":
+        raise UserError("give --speculative ngram or --draft RUN, not both")
+    if args.draft is not None:
+        draft = open_run(args.draft, "--draft")
+        if draft.tokenizer_sha256 != info.tokenizer_sha256:
+            raise UserError(f"--draft {args.draft} has another tokenizer than {args.run_dir}; a draft model must "
+                            "share the target's tokenizer")
+        model, _ = draft.load(device, kind="lm", dtype=args.dtype, quantize=args.quantize)
+        return DraftModel(model, k=args.draft_tokens or 4)
+    if args.speculative == "ngram":
+        return PromptLookup(k=args.draft_tokens or 8)
+    return None
+
+
+def _report_speculation(args) -> None:
+    stats = args.drafter.stats if getattr(args, "drafter", None) is not None else None
+    if stats is not None and stats.steps:
+        sys.stderr.write(f"(speculative decoding: {stats.tokens_per_step:.2f} tokens per forward of the model, "
+                         f"{100 * stats.acceptance:.0f}% of {stats.drafted} guesses kept)\n")
 
 
 def _write(text: str) -> None:
@@ -53,7 +80,8 @@ def _answer(model, tok, prompt, args, seed, stop=()) -> str:
     hide = ThinkSplitter() if getattr(args, "think", "show") == "hide" else None
     out = []
     for piece in stream_answer(model, tok, prompt, args.max_new_tokens, args.temperature, args.top_k,
-                               args.top_p, seed, stop=stop, use_cache=not args.no_cache):
+                               args.top_p, seed, stop=stop, use_cache=not args.no_cache,
+                               drafter=getattr(args, "drafter", None), compile=bool(getattr(args, "compile", False))):
         out.append(piece)
         _write(hide.push(piece)[1] if hide is not None else piece)
     if hide is not None:
@@ -83,6 +111,7 @@ def cmd_generate(args) -> int:
         seed = None if args.seed is None else args.seed + i
         _answer(model, tok, ids if chat else prompt, args, seed, stop)
         _write("\n")
+    _report_speculation(args)
     return 0
 
 
@@ -127,6 +156,10 @@ def cmd_chat(args) -> int:
     if args.url is not None:
         if args.run_dir is not None:
             raise UserError("give a RUN_DIR or --url of a server, not both")
+        local = [f for f, v in (("--quantize", args.quantize), ("--draft", args.draft),
+                                ("--speculative", args.speculative), ("--compile", args.compile)) if v]
+        if local:
+            raise UserError(f"{', '.join(local)} apply to a RUN_DIR decoded here, not to a model behind --url")
         return _remote_chat(args)
     if args.model is not None or args.api_key is not None:
         raise UserError("--model and --api-key go with --url (a server); a RUN_DIR is used directly")
@@ -260,6 +293,21 @@ def _common(p, run_optional: bool = False) -> None:
                    help="fp32, or bf16: half the memory traffic, fast on GPUs and on CPUs with AVX512-BF16 or "
                    "AMX (default fp32)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context each step")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8 weights for every linear layer and the LM head: about 3x faster decoding on a CPU, "
+                   "a little less accurate (README: fast local inference)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode through a compiled step (torch.compile; CUDA graphs on a GPU); default: on with "
+                   "CUDA, off on the CPU, where it is not faster")
+    p.add_argument("--speculative", choices=["ngram"], default=None,
+                   help="speculative decoding with guesses looked up in the context (fast when the answer quotes "
+                   "the prompt or repeats itself); the same text as without")
+    p.add_argument("--draft", default=None, metavar="RUN",
+                   help="speculative decoding with a smaller run (the same tokenizer) guessing ahead; the same "
+                   "text as without")
+    p.add_argument("--draft-tokens", type=positive_int, default=None, metavar="K",
+                   help="with --speculative or --draft: tokens guessed per step (default 8 for ngram, 4 for a "
+                   "draft model)")
 
 
 def register(sub) -> None:

@@ -35,7 +35,7 @@ def cmd_serve(args) -> int:
     serve(args.run_dir, host=args.host, port=args.port, model_name=args.model_name, api_key=args.api_key,
           cors_origins=tuple(args.cors_origin or ()), max_batch=args.max_batch, device=args.device,
           dtype=args.dtype, max_body=args.max_body_bytes, allowed_hosts=tuple(args.allowed_host or ()),
-          timeout=args.timeout)
+          timeout=args.timeout, quantize=args.quantize)
     return 0
 
 
@@ -67,6 +67,8 @@ def register(sub) -> None:
     s.add_argument("--timeout", type=_seconds, default=30.0, metavar="SECONDS",
                    help="how long a client may take to send its request, or stop reading its answer, before "
                    "the request ends and its rows are freed (default 30)")
+    s.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8 weights for every linear layer and the LM head: faster decoding on a CPU")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     s.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="fp32 or bf16 (default fp32)")
     s.set_defaults(func=cmd_serve)

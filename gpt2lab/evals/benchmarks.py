@@ -214,7 +214,7 @@ ExtraTask = Callable[..., "TaskResult"]
 
 def evaluate_run(run_dir: str | os.PathLike, tasks: Sequence[str], data: dict[str, str] | None = None, *,
                  limit: int | None = None, batch_size: int = 8, stride: int | None = None,
-                 device: str = "auto", dtype: str = "fp32", progress: bool = False,
+                 device: str = "auto", dtype: str = "fp32", progress: bool = False, quantize: str | None = None,
                  extra_tasks: dict[str, ExtraTask] | None = None) -> list[TaskResult]:
     """Load a run dir and score it on each task; `data` maps a task to its file or directory.
 
@@ -244,7 +244,7 @@ def evaluate_run(run_dir: str | os.PathLike, tasks: Sequence[str], data: dict[st
             paths[t] = data.get(t)
         else:
             paths[t] = resolve_data(t, data.get(t), info.config, progress)
-    model, tokenizer = info.load(dev, kind="lm")
+    model, tokenizer = info.load(dev, kind="lm", quantize=quantize)
     autocast_dtype = torch.bfloat16 if dtype == "bf16" else None
     results = []
     for t in tasks:

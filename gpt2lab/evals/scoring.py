@@ -167,7 +167,7 @@ def score_requests(model: GPT, requests: Sequence[Request], *, batch_size: int =
             idx, pos, mask = _batch_tensors(batch, device)
             if mask is not None and autocast_dtype is None:
                 # additive form, made once rather than by attention in every layer
-                additive = torch.zeros(mask.shape, dtype=model.lm_head.weight.dtype, device=device)
+                additive = torch.zeros(mask.shape, dtype=model.transformer.wte.weight.dtype, device=device)
                 mask = additive.masked_fill_(~mask, float("-inf"))
             with _autocast(device, autocast_dtype):
                 h = model.hidden_states(idx, positions=pos, mask=mask)
@@ -197,7 +197,7 @@ def score_requests(model: GPT, requests: Sequence[Request], *, batch_size: int =
 def _score_positions(model: GPT, h: torch.Tensor, targets: torch.Tensor, vocab: int):
     """The LM head on the scored positions only, in chunks, the log-probabilities in fp32."""
     lps, hits, ams = [], [], []
-    weight_dtype = model.lm_head.weight.dtype
+    weight_dtype = model.transformer.wte.weight.dtype
     for s in range(0, h.size(0), LM_HEAD_CHUNK):
         hc, tc = h[s:s + LM_HEAD_CHUNK], targets[s:s + LM_HEAD_CHUNK]
         logits = model.head(hc.to(weight_dtype)).float()[:, :vocab]

@@ -33,6 +33,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from gpt2lab.errors import UserError
+from gpt2lab.generate.compiled import compiled_step
 from gpt2lab.generate.sampling import check_settings, device_of, make_generator, sample_next
 from gpt2lab.model.cache import KVCache
 from gpt2lab.model.gpt import GPT
@@ -51,12 +52,15 @@ def fit_to_context(ids: list[int], max_new_tokens: int, block: int) -> tuple[lis
 def stream(model: GPT, prompt_ids: list[int], max_new_tokens: int = 100, temperature: float = 1.0,
            top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
            generator: torch.Generator | None = None, stop_ids: Iterable[int] = (),
-           use_cache: bool = True, start_id: int | None = None) -> Iterator[int]:
+           use_cache: bool = True, start_id: int | None = None, drafter=None,
+           compile: bool = False) -> Iterator[int]:
     """Yield new token ids one at a time; a stop id ends the stream and is not yielded.
 
     An empty prompt starts from `start_id` (pass the tokenizer's eot id: GPT-2
     documents begin after <|endoftext|>). The settings are checked here, before
-    the first token is asked for.
+    the first token is asked for. `drafter` (speculative.py: PromptLookup or
+    DraftModel) checks guessed tokens several at a time: the same tokens, faster.
+    `compile` decodes through the model's compiled step (compiled.py).
     """
     check_settings(max_new_tokens, temperature, top_k, top_p)
     prompt = [int(i) for i in prompt_ids]
@@ -67,20 +71,27 @@ def stream(model: GPT, prompt_ids: list[int], max_new_tokens: int = 100, tempera
     vocab = model.config.vocab_size
     if any(not 0 <= i < vocab for i in prompt):
         raise UserError(f"the prompt holds a token id outside the model's vocabulary of {vocab}")
-    return _stream(model, prompt, max_new_tokens, temperature, top_k, top_p,
-                   make_generator(model, seed, generator), frozenset(int(i) for i in stop_ids), use_cache)
+    args = (model, prompt, max_new_tokens, temperature, top_k, top_p, make_generator(model, seed, generator),
+            frozenset(int(i) for i in stop_ids))
+    if drafter is not None and use_cache:
+        return drafter.stream(*args, plain=plain_stream)
+    return plain_stream(*args, use_cache, compile)
 
 
 @torch.inference_mode()
-def _stream(model: GPT, context: list[int], max_new_tokens: int, temperature: float, top_k: int | None,
-            top_p: float | None, generator: torch.Generator | None, stop: frozenset[int],
-            use_cache: bool) -> Iterator[int]:
+def plain_stream(model: GPT, context: list[int], max_new_tokens: int, temperature: float, top_k: int | None,
+                 top_p: float | None, generator: torch.Generator | None, stop: frozenset[int],
+                 use_cache: bool = True, compile: bool = False) -> Iterator[int]:
+    """One token per forward, with a sliding window past the context. `compile`: the decoding steps go through
+    the model's compiled step (compiled.py), a cache of the whole context whose shapes never change."""
     device = device_of(model)
     block = model.config.block_size
     keep = max(1, block // 2)
     start = max(0, len(context) - block)  # the model sees context[start:]
-    cache = None
-    if use_cache and max_new_tokens:
+    cache = step = None
+    if use_cache and max_new_tokens and compile:
+        step = compiled_step(model, 1, block)
+    elif use_cache and max_new_tokens:
         cache = KVCache(model.config, 1, max_len=min(block, len(context) - start + max_new_tokens),
                         device=device)
     was_training = model.training
@@ -90,12 +101,15 @@ def _stream(model: GPT, context: list[int], max_new_tokens: int, temperature: fl
         for _ in range(max_new_tokens):
             if len(context) - start > block:  # slide: keep the newest half context
                 start, refill = len(context) - keep, True
-            if cache is None:
-                window = torch.tensor([context[start:]], dtype=torch.long, device=device)
+            window = torch.tensor([context[start:]], dtype=torch.long, device=device) if refill or \
+                (cache is None and step is None) else None
+            if step is not None:
+                logits = step.prefill(window) if refill else step.decode(token.view(1, 1))
+                refill = False
+            elif cache is None:
                 logits = model(window, last_only=True)[:, -1]
             elif refill:
                 cache.reset()
-                window = torch.tensor([context[start:]], dtype=torch.long, device=device)
                 logits = model(window, kv_cache=cache, last_only=True)[:, -1]
                 refill = False
             else:
@@ -113,14 +127,15 @@ def _stream(model: GPT, context: list[int], max_new_tokens: int, temperature: fl
 def generate(model: GPT, prompt_ids: list[int], max_new_tokens: int = 100, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              use_cache: bool = True, generator: torch.Generator | None = None,
-             stop_ids: Iterable[int] = (), eot_id: int | None = None) -> list[int]:
+             stop_ids: Iterable[int] = (), eot_id: int | None = None, drafter=None,
+             compile: bool = False) -> list[int]:
     """The new ids after `prompt_ids` (temperature 0: greedy). Stops at `eot_id` or a stop id.
 
     An empty prompt starts from `eot_id`.
     """
     stops = set(stop_ids) | ({eot_id} if eot_id is not None else set())
     return list(stream(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, generator,
-                       stops, use_cache, start_id=eot_id))
+                       stops, use_cache, start_id=eot_id, drafter=drafter, compile=compile))
 
 
 def generate_batch(model: GPT, prompts: list[list[int]], max_new_tokens: int = 100,
@@ -242,7 +257,7 @@ def generate_group(model: GPT, prompt_ids: list[int], n: int, max_new_tokens: in
 def stream_answer(model: GPT, tokenizer, prompt: str | list[int], max_new_tokens: int = 100,
                   temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                   seed: int | None = None, stop: Iterable[str] = (), use_cache: bool = True,
-                  generator: torch.Generator | None = None) -> Iterator[str]:
+                  generator: torch.Generator | None = None, drafter=None, compile: bool = False) -> Iterator[str]:
     """Text pieces after `prompt` (text or ids) until <|endoftext|>, a stop string or the token limit.
 
     The one "answer until a stop" of gpt2lab: generate, chat, the judge and instruction
@@ -254,7 +269,8 @@ def stream_answer(model: GPT, tokenizer, prompt: str | list[int], max_new_tokens
     decoder = StreamDecoder(tokenizer)
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     for token in stream(model, ids, max_new_tokens, temperature, top_k, top_p, seed, generator,
-                        {eot} if eot is not None else (), use_cache, start_id=eot):
+                        {eot} if eot is not None else (), use_cache, start_id=eot, drafter=drafter,
+                        compile=compile):
         ready = cutter.push(decoder.push(token))
         if ready:
             yield ready

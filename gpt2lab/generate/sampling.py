@@ -33,18 +33,18 @@ def _check_finite(logits: torch.Tensor) -> None:
                         "use another checkpoint or train again")
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (B, V) of the last position -> next ids (B,). Temperature 0 is greedy.
+def is_greedy(temperature: float) -> bool:
+    """Temperature 0, or one that is 0 in float32, samples greedily."""
+    return temperature == 0 or torch.tensor(temperature, dtype=torch.float32).item() == 0
 
-    top_k keeps the k most likely tokens, top_p the smallest set of most likely
-    tokens whose probability reaches p; with both, a token must pass both.
-    Settings too small for float32 cannot make NaN: a temperature that is 0 in
-    float32 is greedy, and top_p always keeps the most likely token.
-    """
-    _check_finite(logits)
-    if temperature == 0 or torch.tensor(temperature, dtype=torch.float32).item() == 0:
-        return logits.argmax(dim=-1)
+
+def next_token_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                     top_p: float | None = None) -> torch.Tensor:
+    """logits (..., V) -> the distribution (..., V) that sampling draws the next token from (temperature > 0).
+
+    top_k keeps the k most likely tokens, top_p the smallest set of most likely tokens whose probability
+    reaches p; with both, a token must pass both. Settings too small for float32 cannot make NaN: top_p
+    always keeps the most likely token."""
     logits = logits.float()
     # subtract the maximum first: a tiny temperature then sends the others to -inf, never to NaN
     logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
@@ -59,7 +59,17 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
         drop[..., 0] = False  # the most likely token stays, however small top_p is
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
+    return logits.softmax(dim=-1)
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (B, V) of the last position -> next ids (B,). Temperature 0 is greedy (`next_token_probs`
+    says what is sampled from otherwise)."""
+    _check_finite(logits)
+    if is_greedy(temperature):
+        return logits.argmax(dim=-1)
+    probs = next_token_probs(logits, temperature, top_k, top_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 

@@ -203,3 +203,43 @@ class KVCache:
         view.layers = [None if bufs is None else tuple(t.narrow(0, start, stop - start) for t in bufs)
                        for bufs in self.layers]
         return view
+
+
+class StaticKVCache(KVCache):
+    """A KV cache whose shapes never change, for a compiled decoding step (generate/compiled.py): one or more
+    rows of the same length, buffers of `max_len` slots made at once, the length a tensor (`position`), every
+    attention over all the slots with a mask hiding those not written yet. A step then has the same shapes
+    at every length (torch.compile compiles it once; CUDA graphs can replay it). The caller moves
+    `position` on after a forward (`advance` leaves it, so that the compiled step has no side effect)."""
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype: torch.dtype):
+        super().__init__(config, batch_size, max_len, device)
+        if config.attention == "mla":  # the latent and the decoupled rotary key
+            shapes = [(1, config.latent_size), (1, config.rope_dim)]
+        else:
+            shapes = [(config.kv_heads, config.head_dim)] * 2
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.slots = torch.arange(max_len, device=device)
+        self.layers = [tuple(torch.zeros(batch_size, h, max_len, d, dtype=dtype, device=device) for h, d in shapes)
+                       for _ in range(config.n_layer)]
+
+    @property
+    def pos(self) -> int:
+        return int(self.position)
+
+    def inputs(self, T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = (self.position + torch.arange(T, device=device))[None]  # (1, T)
+        mask = self.slots[None, None, None, :] <= positions[..., None]  # (1, 1, T, max_len)
+        return positions, mask
+
+    def update(self, layer: int, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        index = self.position + torch.arange(new[0].size(2), device=self.position.device)
+        for buf, t in zip(self.layers[layer], new):
+            buf.index_copy_(2, index, t)
+        return self.layers[layer]
+
+    def advance(self, T: int) -> None:
+        pass
+
+    def reset(self) -> None:
+        self.position.zero_()

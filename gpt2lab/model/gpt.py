@@ -142,10 +142,10 @@ class Transformer(nn.Module):
         `CausalSelfAttention.forward`. With a cache and neither given, the cache says where each row's new
         tokens go (its rows may hold different numbers of tokens)."""
         T = idx.size(1)
-        past = cache.pos if cache is not None else 0
         if cache is not None and positions is None and mask is None:
             positions, mask = cache.inputs(T, idx.device)
         if positions is None:
+            past = cache.pos if cache is not None else 0
             if past + T > self.config.block_size:
                 raise ValueError(f"input of {past + T} tokens is longer than the model's context of "
                                  f"{self.config.block_size} tokens")

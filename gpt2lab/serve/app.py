@@ -49,7 +49,6 @@ import sys
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import torch
 import uvicorn
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException
@@ -275,7 +274,7 @@ def _listen(host: str, port: int):
 def serve(run_dir, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
           api_key: str | None = None, cors_origins: tuple[str, ...] = (), max_batch: int = 32,
           device: str = "auto", dtype: str = "fp32", max_body: int = DEFAULT_MAX_BODY, ready=None,
-          allowed_hosts: tuple[str, ...] = (), timeout: float = 30.0) -> None:
+          allowed_hosts: tuple[str, ...] = (), timeout: float = 30.0, quantize: str | None = None) -> None:
     """Load the run and serve it until interrupted (the `gpt2lab serve` command)."""
     api_key = api_key if api_key is not None else os.environ.get("GPT2LAB_API_KEY")  # (a flag shows in `ps`)
     if api_key is not None and not api_key.strip():
@@ -285,9 +284,7 @@ def serve(run_dir, host: str = "127.0.0.1", port: int = 8000, model_name: str | 
         raise UserError("--model-name is empty")
     info = open_run(run_dir)
     fmt = get_format(info.template)
-    model, tok = info.load(resolve_device(device), kind="lm")
-    if dtype == "bf16":
-        model = model.to(torch.bfloat16)
+    model, tok = info.load(resolve_device(device), kind="lm", dtype=dtype, quantize=quantize)
     if tok.eot_id is None:
         raise UserError(f"{run_dir}: the tokenizer has no <|endoftext|> token; gpt2lab serve needs one to end answers")
     sock = _listen(host, port)
