@@ -25,11 +25,26 @@ $(BIN)/.installed-demo: pyproject.toml $(BIN)/.venv
 	$(BIN)/python -m pip install -q -e ".[plot,tensorboard]"
 	touch $@
 
+# llama.cpp (built by llama-cpp-python, for the GGUF tests) without the AMX kernels, whose int8 matmul crashes
+# on some x86 machines (llama.cpp issue 20824): a portable AVX2 build
+LLAMA_CMAKE ?= $(if $(filter x86_64,$(shell uname -m)),-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON,)
+LLAMA_CPP := $(VENV)/llama.cpp
+
 $(BIN)/.installed: pyproject.toml $(BIN)/.venv
-	$(BIN)/python -m pip install -q -e ".[test]"
+	CMAKE_ARGS="$(LLAMA_CMAKE)" $(BIN)/python -m pip install -q -e ".[test]"
 	touch $@ $(BIN)/.installed-demo
 
-install: $(BIN)/.installed
+# llama.cpp's own conversion script (from the same llama-cpp-python source), which a test runs on export-hf's output
+$(LLAMA_CPP)/convert_hf_to_gguf.py: $(BIN)/.installed
+	rm -rf $(LLAMA_CPP) && mkdir -p $(LLAMA_CPP)/sdist
+	$(BIN)/python -m pip download -q --no-deps --no-binary :all: -d $(LLAMA_CPP)/sdist \
+		"llama-cpp-python==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("llama-cpp-python"))')" \
+		&& tar xzf $(LLAMA_CPP)/sdist/*.tar.gz -C $(LLAMA_CPP) --strip-components=3 --wildcards \
+		'*/vendor/llama.cpp/convert_hf_to_gguf.py' '*/vendor/llama.cpp/conversion/*' '*/vendor/llama.cpp/gguf-py/*' \
+		|| echo "llama.cpp's converter could not be fetched; its test will skip"
+	rm -rf $(LLAMA_CPP)/sdist
+
+install: $(BIN)/.installed $(LLAMA_CPP)/convert_hf_to_gguf.py
 
 demo: $(BIN)/.installed-demo
 	rm -rf $(DEMO)/run
@@ -71,7 +86,7 @@ rl-demo: $(BIN)/.installed-demo
 		$(RL)/sft_eval.json $(RL)/rl_eval.json $(RL)/results.json
 
 test: install
-	$(BIN)/python -m pytest -q
+	GPT2LAB_LLAMA_CPP_CONVERT=$(LLAMA_CPP)/convert_hf_to_gguf.py $(BIN)/python -m pytest -q
 
 lint: install
 	$(BIN)/ruff check .

@@ -142,21 +142,44 @@ def encode_messages(tokenizer, messages: list[dict], fmt: str | ChatFormat | Non
                     add_generation_prompt: bool = True) -> tuple[list[int], list[bool]]:
     """(ids, trained): every answer's tokens and the <|endoftext|> after it are marked trained.
 
-    Each segment is encoded on its own and user text never becomes a special token, even when it
-    contains the characters "<|endoftext|>".
+    The text between two ends of answer is encoded in one piece, so the ids are those of the rendered
+    prompt, as llama.cpp, Ollama or transformers' chat templates tokenize it (encoding each segment on its
+    own would split runs of whitespace at turn boundaries differently). A token belongs to an answer when
+    it ends inside one. User text never becomes a special token, even when it contains the characters
+    "<|endoftext|>".
     """
     f = _format(fmt)
+    ends = f is not PLAIN
     ids: list[int] = []
     trained: list[bool] = []
+    chunk: list[Segment] = []
+
+    def flush():
+        text = "".join(s.text for s in chunk)
+        piece = tokenizer.encode(text) if text else []
+        answer_bytes, at = [], 0  # byte ranges of the answers in `text`
+        for s in chunk:
+            size = len(s.text.encode("utf-8"))
+            if s.answer:
+                answer_bytes.append((at, at + size))
+            at += size
+        ids.extend(piece)
+        end = 0
+        for i in piece if answer_bytes else ():
+            end += len(tokenizer.decode_bytes([i]))
+            trained.append(any(a < end <= b for a, b in answer_bytes))
+        trained.extend([False] * (len(ids) - len(trained)))
+        chunk.clear()
+
     for seg in f.segments(messages, add_generation_prompt):
-        piece = tokenizer.encode(seg.text) if seg.text else []
-        ids += piece
-        trained += [seg.answer] * len(piece)
-        if seg.answer and f is not PLAIN:
+        chunk.append(seg)
+        if seg.answer and ends:
             if tokenizer.eot_id is None:
                 raise UserError("the tokenizer has no <|endoftext|> token to end an answer with")
+            flush()
             ids.append(tokenizer.eot_id)
             trained.append(True)
+    flush()
     return ids, trained
 
 
@@ -171,3 +194,71 @@ def record_messages(record: dict) -> list[dict]:
     if "output" in record:
         messages.append({"role": "assistant", "content": record["output"]})
     return messages
+
+
+# ------------------------------------------------------------------ the same formats for other tools
+# render_messages as a Jinja chat template (transformers' tokenizer_config.json, GGUF's
+# tokenizer.chat_template for llama.cpp) and as a Go template (an Ollama Modelfile's TEMPLATE). Tests render
+# both against render_messages.
+
+_JINJA_SYSTEM = (
+    "{%- set ns = namespace(system='', n=0, users=0, answered=false) -%}"
+    "{%- for m in messages if m.role == 'system' -%}"
+    "{%- set ns.system = ns.system + (' ' if ns.n else '') + m.content -%}{%- set ns.n = ns.n + 1 -%}"
+    "{%- endfor -%}")
+_JINJA = {
+    "chat": _JINJA_SYSTEM + (
+        "{%- if ns.system %}{{ '### System:\\n' + ns.system + '\\n\\n' }}{% endif -%}"
+        "{%- for m in messages if m.role != 'system' -%}"
+        "{%- if ns.answered %}{{ '\\n\\n' }}{% endif -%}"
+        "{%- if m.role == 'user' -%}"
+        "{{ '### User:\\n' + m.content }}{% if m.input %}{{ '\\n\\n' + m.input }}{% endif %}{{ '\\n\\n' }}"
+        "{%- set ns.answered = false -%}"
+        "{%- else -%}{{ '### Assistant:\\n' + m.content + '<|endoftext|>' }}{%- set ns.answered = true -%}"
+        "{%- endif -%}{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{%- if ns.answered %}{{ '\\n\\n' }}{% endif -%}"
+        "{{ '### Assistant:\\n' }}{%- endif -%}"),
+    "alpaca": _JINJA_SYSTEM + (
+        "{%- for m in messages if m.role != 'system' -%}"
+        "{%- if m.role == 'user' -%}"
+        "{%- if ns.users -%}{{ '\\n\\n' }}"
+        "{%- elif ns.system -%}{{ ns.system + '\\n\\n' }}"
+        "{%- else -%}{{ '" + _ALPACA_HEAD.replace("\n", "\\n").replace("{extra}", "' + ('"
+        + _WITH_INPUT + "' if m.input else '') + '") + "' }}"
+        "{%- endif -%}{%- set ns.users = ns.users + 1 -%}"
+        "{{ '### Instruction:\\n' + m.content + '\\n\\n' }}"
+        "{%- if m.input %}{{ '### Input:\\n' + m.input + '\\n\\n' }}{% endif -%}"
+        "{{ '### Response:\\n' }}"
+        "{%- else -%}{{ m.content + '<|endoftext|>' }}{%- endif -%}{%- endfor -%}"),
+}
+
+# Ollama gives a template .System (the system prompt) and .Messages (each with .Role and .Content);
+# "input" has no place there, and a conversation opens with at most one system message
+_GO = {
+    "chat": (
+        "{{- if .System }}### System:\n{{ .System }}\n\n{{ end }}"
+        "{{- $answered := false }}"
+        "{{- range .Messages }}{{- if ne .Role \"system\" }}"
+        "{{- if $answered }}\n\n{{ end }}"
+        "{{- if eq .Role \"user\" }}### User:\n{{ .Content }}\n\n{{ $answered = false }}"
+        "{{- else }}### Assistant:\n{{ .Content }}<|endoftext|>{{ $answered = true }}{{ end }}"
+        "{{- end }}{{- end }}"
+        "{{- if $answered }}\n\n{{ end }}### Assistant:\n"),
+    "alpaca": (
+        "{{- $users := 0 }}"
+        "{{- range .Messages }}{{- if eq .Role \"user\" }}"
+        "{{- if $users }}\n\n{{ else if $.System }}{{ $.System }}\n\n{{ else }}"
+        + _ALPACA_HEAD.format(extra="") + "{{ end }}{{- $users = 1 }}"
+        "### Instruction:\n{{ .Content }}\n\n### Response:\n"
+        "{{ else if eq .Role \"assistant\" }}{{ .Content }}<|endoftext|>{{ end }}{{- end }}"),
+}
+
+
+def jinja_template(fmt: str | None) -> str | None:
+    """The chat template (Jinja, as transformers and llama.cpp read it) of a run's format; None for none."""
+    return _JINJA.get(fmt) if fmt else None
+
+
+def ollama_template(fmt: str | None) -> str:
+    """The TEMPLATE of an Ollama Modelfile for a run's format; a base model continues the prompt."""
+    return _GO[fmt] if fmt else "{{ .Prompt }}"

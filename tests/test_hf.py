@@ -176,8 +176,9 @@ def test_import_then_export_round_trips_bitwise(tfm, tmp_path):
     assert sorted(before) == sorted(after)
     for name in before:
         assert before[name].dtype == after[name].dtype and torch.equal(before[name], after[name]), name
-    assert tfm.GPT2Config.from_pretrained(tmp_path / "src").to_dict() == \
-        tfm.GPT2Config.from_pretrained(out).to_dict()
+    exported = tfm.GPT2Config.from_pretrained(out).to_dict()
+    assert exported.pop("n_ctx") == exported["n_positions"]  # the older name too, for llama.cpp's converter
+    assert tfm.GPT2Config.from_pretrained(tmp_path / "src").to_dict() == exported
 
     # GPT-2's own tokenizer files, and transformers reads them to the same ids as ours
     gpt2_dir = REPO / "gpt2lab" / "assets" / "gpt2"
@@ -453,7 +454,7 @@ def test_cli_import_then_export(tfm, tmp_path):
 
 
 def test_cli_hub_id_offline(tmp_path):
-    from gpt2lab.cli.hf import HUB_NAMES
+    from gpt2lab.cli.export import HUB_NAMES
     from gpt2lab.export.hf import HUB_IDS
 
     assert HUB_NAMES == ", ".join(HUB_IDS)  # the help text lists them without importing gpt2lab.export.hf
@@ -503,12 +504,15 @@ def test_cli_errors(tmp_path):
 LLAMA = dict(pos_embedding="rope", norm="rmsnorm", mlp="swiglu", bias=False)
 
 
-@pytest.mark.parametrize("kw", [
-    dict(n_kv_head=2, tie_embeddings=False),
-    dict(n_kv_head=1, tie_embeddings=True, bias=True),
-    dict(n_kv_head=2, rope_scaling="yarn", rope_factor=4.0, rope_original_context=16),
-], ids=["gqa-untied", "mqa-tied-bias", "yarn"])
-def test_a_llama_shaped_model_exports_as_llama(tfm, tmp_path, trained_tok, kw):
+@pytest.mark.parametrize("kw,arch", [
+    (dict(n_kv_head=2, tie_embeddings=False), "LlamaForCausalLM"),
+    (dict(n_kv_head=1, tie_embeddings=True, bias=True), "LlamaForCausalLM"),
+    (dict(n_kv_head=2, rope_scaling="yarn", rope_factor=4.0, rope_original_context=16), "LlamaForCausalLM"),
+    (dict(mlp="relu2", bias=True), "LlamaForCausalLM"),
+    (dict(qk_norm=True, n_kv_head=2, tie_embeddings=False), "Qwen3ForCausalLM"),
+    (dict(qk_norm=True, mlp="relu2", tie_embeddings=False), "Qwen3ForCausalLM"),  # what `make demo` trains
+], ids=["gqa-untied", "mqa-tied-bias", "yarn", "relu2", "qwen3", "qknorm-relu2"])
+def test_a_llama_shaped_model_exports_as_llama_or_qwen3(tfm, tmp_path, trained_tok, kw, arch):
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=trained_tok.vocab_size, block_size=64, n_layer=2, n_head=4, n_embd=64,
                     **{**LLAMA, **kw})
@@ -520,9 +524,9 @@ def test_a_llama_shaped_model_exports_as_llama(tfm, tmp_path, trained_tok, kw):
     run = write_run(tmp_path / "run", model, trained_tok)
     export_hf(run, tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    assert config["architectures"] == ["LlamaForCausalLM"] and config["num_key_value_heads"] == cfg.kv_heads
+    assert config["architectures"] == [arch] and config["num_key_value_heads"] == cfg.kv_heads
     hf = tfm.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    assert type(hf).__name__ == "LlamaForCausalLM"
+    assert type(hf).__name__ == arch
     ids = torch.randint(0, cfg.vocab_size, (2, 60))  # past YaRN's original context of 16
     with torch.no_grad():
         assert (hf(ids).logits - model(ids)).abs().max() < 1e-4
@@ -531,17 +535,76 @@ def test_a_llama_shaped_model_exports_as_llama(tfm, tmp_path, trained_tok, kw):
     assert tok(text)["input_ids"] == trained_tok.encode(text)
 
 
-@pytest.mark.parametrize("kw,option", [
-    (dict(qk_norm=True), "--qk-norm"),
-    (dict(n_experts=2, experts_per_token=1), "--n-experts"),
-    (dict(attention="mla"), "--attention mla"),
-    (dict(mlp="relu2"), "--mlp relu2"),
-    (dict(pos_embedding="learned"), "--pos-embedding learned"),
+@pytest.mark.parametrize("kw,options", [
+    (dict(n_experts=2, experts_per_token=1), ["--n-experts 2"]),
+    (dict(attention="mla", n_experts=2, experts_per_token=1), ["--attention mla", "--n-experts 2"]),
+    (dict(qk_norm=True, bias=True), ["--qk-norm with --bias"]),
+    (dict(pos_embedding="learned", mlp="gelu"), ["--pos-embedding learned", "--mlp gelu", "--norm rmsnorm"]),
 ])
-def test_what_transformers_cannot_express_is_refused_naming_the_option(tmp_path, trained_tok, kw, option):
+def test_what_transformers_cannot_express_is_refused_naming_every_option(tmp_path, trained_tok, kw, options):
     cfg = GPTConfig(vocab_size=trained_tok.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=16,
                     **{**LLAMA, **kw})
     run = write_run(tmp_path / "run", GPT(cfg), trained_tok)
-    with pytest.raises(UserError, match=option):
+    with pytest.raises(UserError) as e:
         export_hf(run, tmp_path / "hf")
+    assert all(option in str(e.value) for option in options), str(e.value)
     assert not (tmp_path / "hf").exists()
+
+
+def test_a_tokenizer_gpt2s_files_cannot_hold_is_named_with_the_model(tmp_path, trained_tok):
+    tok = BPETokenizer(trained_tok.vocab, trained_tok.merges, {}, pattern=r"\S+|\s+", name="own-regex")
+    cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16, n_experts=2,
+                    experts_per_token=1)
+    run = write_run(tmp_path / "run", GPT(cfg), tok)
+    with pytest.raises(UserError) as e:
+        export_hf(run, tmp_path / "hf")
+    assert all(s in str(e.value) for s in ("regex", "no <|endoftext|>", "--n-experts 2")), str(e.value)
+
+
+def test_an_sft_run_exports_its_chat_template(tfm, tmp_path, trained_tok):
+    from gpt2lab.templates import encode_messages, render_messages
+
+    cfg = GPTConfig(vocab_size=trained_tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=16)
+    run = write_run(tmp_path / "run", GPT(cfg), trained_tok)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "template": "chat"}))
+    export_hf(run, tmp_path / "hf")
+    tok = tfm.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Again?"}]
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text == render_messages(messages, "chat")
+    assert tok(text)["input_ids"] == encode_messages(trained_tok, messages, "chat")[0]
+
+
+CONVERT = os.environ.get("GPT2LAB_LLAMA_CPP_CONVERT")  # llama.cpp's convert_hf_to_gguf.py (make test fetches it)
+
+
+@pytest.mark.parametrize("kw", [{}, dict(LLAMA, n_kv_head=1), dict(LLAMA, qk_norm=True, tie_embeddings=False)],
+                         ids=["gpt2", "llama", "qwen3"])
+def test_llama_cpps_converter_accepts_the_export(tfm, tmp_path, kw):
+    """export-hf writes what llama.cpp's own conversion script reads (n_ctx among GPT-2's fields), and the file
+    it makes computes our logits. The script recognises GPT-2's vocabulary only: a tokenizer trained here
+    needs export-gguf, which writes its pre-tokeniser by name."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("sentencepiece")
+    if not CONVERT or not Path(CONVERT).is_file():
+        pytest.skip("set GPT2LAB_LLAMA_CPP_CONVERT to llama.cpp's convert_hf_to_gguf.py (make test does)")
+    tok = get_tokenizer("gpt2", fast=False)
+    cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=64, **kw)
+    model = randomise(GPT(cfg))
+    export_hf(write_run(tmp_path / "run", model, tok), tmp_path / "hf")
+    if not kw:
+        assert json.loads((tmp_path / "hf" / "config.json").read_text())["n_ctx"] == 64
+    r = subprocess.run([sys.executable, CONVERT, str(tmp_path / "hf"), "--outfile", str(tmp_path / "m.gguf"),
+                        "--outtype", "f32"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), n_ctx=64, logits_all=True, verbose=False, type_k=0, type_v=0)
+    text = CORPUS[0]
+    ids = llm.tokenize(text.encode(), add_bos=False, special=False)
+    assert ids == tok.encode(text)
+    llm.eval(ids)
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0]
+    # GPT-2's GELU is a table of f16 values in llama.cpp
+    assert (torch.tensor(llm.scores[: len(ids)]) - ours).abs().max() < (1e-2 if not kw else 1e-4)

@@ -399,7 +399,7 @@ def test_a_reader_that_stops_reading_has_its_rows_freed(serve_runs, monkeypatch)
                 assert time.time() < deadline, h
                 time.sleep(0.05)
             assert h["cancelled"] > before["cancelled"]
-            assert h["tokens"] - before["tokens"] < 16 * 240  # stopped long before its 16 x 240 tokens
+            assert h["tokens"] - before["tokens"] < 16 * 240 // 2  # stopped long before its 16 x 240 tokens
             monkeypatch.undo()
             r = server.client().chat.completions.create(model="chat", messages=[{"role": "user", "content": "x"}],
                                                         max_tokens=3)

@@ -19,7 +19,7 @@ import os
 import sys
 
 # command modules, in the order `gpt2lab --help` lists them
-COMMAND_MODULES = ["tokenizer", "data", "train", "generate", "serve", "hf", "evaluate", "finetune", "ablate"]
+COMMAND_MODULES = ["tokenizer", "data", "train", "generate", "serve", "export", "evaluate", "finetune", "ablate"]
 
 
 class Parser(argparse.ArgumentParser):

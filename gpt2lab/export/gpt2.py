@@ -132,6 +132,7 @@ def config_to_hf(config, eot_id: int, dtype: str = "float32") -> dict:
         "model_type": "gpt2",
         "vocab_size": config.vocab_size,
         "n_positions": config.block_size,
+        "n_ctx": config.block_size,  # the older name, which llama.cpp's converter reads
         "n_embd": config.n_embd,
         "n_layer": config.n_layer,
         "n_head": config.n_head,
@@ -154,18 +155,25 @@ def config_to_hf(config, eot_id: int, dtype: str = "float32") -> dict:
     }
 
 
-def gpt2_obstacle(config) -> str | None:
-    """Why GPT-2's config.json cannot express this model (the first option that differs), or None."""
-    gpt2 = GPTConfig()
-    for name in ("pos_embedding", "norm", "qk_norm", "mlp", "tie_embeddings", "n_experts", "attention"):
-        if getattr(config, name) != getattr(gpt2, name):
-            return f"--{name.replace('_', '-')} {str(getattr(config, name)).lower()}"
-    if config.kv_heads != config.n_head:
-        return f"--n-kv-head {config.n_kv_head}"
-    if config.hidden_size != 4 * config.n_embd:
-        return f"--mlp-hidden {config.mlp_hidden}"
-    return None
+def option_flag(name: str, value) -> str:
+    """The pretrain flag that sets a model option: --qk-norm, --no-tie-embeddings, --mlp relu2."""
+    flag = name.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{flag}" if value else f"--no-{flag}"
+    return f"--{flag} {value}"
 
+
+def gpt2_obstacles(config) -> list[str]:
+    """Every option of this config that GPT-2's config.json cannot express (empty: it is GPT-2)."""
+    gpt2 = GPTConfig()
+    out = [option_flag(name, getattr(config, name))
+           for name in ("pos_embedding", "norm", "qk_norm", "mlp", "tie_embeddings", "n_experts", "attention")
+           if getattr(config, name) != getattr(gpt2, name)]
+    if config.kv_heads != config.n_head:
+        out.append(f"--n-kv-head {config.n_kv_head}")
+    if config.hidden_size != 4 * config.n_embd:
+        out.append(f"--mlp-hidden {config.mlp_hidden}")
+    return out
 
 
 def fold_score_bias(state: dict, labels: list[str]):

@@ -62,12 +62,12 @@ from gpt2lab.export.gpt2 import (
     config_from_hf,
     config_to_hf,
     fold_score_bias,
-    gpt2_obstacle,
     gpt2lab_to_hf,
     hf_shapes,
     hf_to_gpt2lab,
 )
-from gpt2lab.export.llama import check_llama, config_to_llama, gpt2lab_to_llama
+from gpt2lab.export.llama import config_to_llama, family, gpt2lab_to_llama
+from gpt2lab.templates import jinja_template
 from gpt2lab.tokenizer import load_tokenizer_file
 from gpt2lab.tokenizer.bpe import EOT, GPT2_PATTERN
 from gpt2lab.tokenizer.hf import hf_tokenizer_files, read_hf_tokenizer
@@ -241,28 +241,14 @@ def export_hf(run_dir: str | os.PathLike, out: str | os.PathLike, *, overwrite: 
     `AutoTokenizer` files."""
     run_dir, out = Path(run_dir), Path(out)
     io.check_output_dir(out, "hf-export", overwrite=overwrite, flag="--out", inputs=[run_dir])
-
-
-
     info = open_run(run_dir)
     config = info.model_config
     tok = load_tokenizer_file(run_dir / "tokenizer.json", fast=False)
-    if tok.pattern != GPT2_PATTERN:
-        raise UserError(f"the run's tokenizer splits text with its own regex ({tok.pattern!r}); GPT-2's "
-                        "tokenizer files can only express GPT-2's, so this model cannot be exported")
-    if tok.eot_id is None:
-        raise UserError(f"the run's tokenizer has no {EOT} token, which GPT-2's tokenizer files need as "
-                        "bos/eos; retrain the tokenizer with `gpt2lab tokenizer train`")
-    obstacle = gpt2_obstacle(config)
-    if obstacle is not None:
-        if info.kind == "classifier":
-            raise UserError(f"only classifiers of GPT-2's architecture export (as GPT2ForSequenceClassification); "
-                            f"this one has {obstacle}")
-        check_llama(config)
+    arch = family(config, also=tokenizer_obstacles(tok), classifier=info.kind == "classifier")
     model, _ = info.load()  # checks the tokenizer and the weights; LoRA adapters merged
     state = unique_state_dict(model)
     dtype_name = str(state["transformer.wte.weight"].dtype).removeprefix("torch.")
-    if obstacle is not None:  # Llama-shaped
+    if arch != "gpt2":  # Llama-shaped
         _write_export(out, run_dir, info, tok, config, gpt2lab_to_llama(state, config),
                       config_to_llama(config, tok.eot_id, dtype_name))
         return out
@@ -291,12 +277,24 @@ def export_hf(run_dir: str | os.PathLike, out: str | os.PathLike, *, overwrite: 
     return out
 
 
+def tokenizer_obstacles(tok) -> list[str]:
+    """What in a tokenizer GPT-2's tokenizer files (and GGUF's "gpt2" tokenizer) cannot express."""
+    out = []
+    if tok.pattern != GPT2_PATTERN:
+        out.append(f"the tokenizer splits text with its own regex ({tok.pattern!r}), and GPT-2's tokenizer "
+                   "files hold only GPT-2's")
+    if tok.eot_id is None:
+        out.append(f"the tokenizer has no {EOT} token to serve as bos/eos (retrain it with `gpt2lab tokenizer "
+                   "train`)")
+    return out
+
+
 def _write_export(out: Path, run_dir: Path, info, tok, config, tensors: dict, hf_config: dict) -> None:
     with io.staging(out) as tmp:
         save_tensors(tensors, tmp / SAFETENSORS)
         io.write_json(tmp / "config.json", hf_config)
         io.write_json(tmp / "generation_config.json", {"bos_token_id": tok.eot_id, "eos_token_id": tok.eot_id})
-        for name, content in hf_tokenizer_files(tok, config.block_size).items():
+        for name, content in hf_tokenizer_files(tok, config.block_size, jinja_template(info.template)).items():
             if isinstance(content, str):
                 io.write_text(tmp / name, content)
             else:

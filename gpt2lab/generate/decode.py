@@ -142,7 +142,8 @@ def generate_batch(model: GPT, prompts: list[list[int]], max_new_tokens: int = 1
                    temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                    seed: int | None = None, generator: torch.Generator | None = None,
                    stop_ids: Iterable[int] = (), pad_id: int = 0, use_cache: bool = True) -> list[list[int]]:
-    """Several prompts in one batch, left-padded; each row's output is what it would get alone.
+    """Several prompts in one batch, each row its own length in the cache; each row's output is what it
+    would get alone.
 
     (Greedy output is exactly that; sampled rows draw from the same
     distributions as alone, with one random stream for the batch.) A row stops

@@ -159,8 +159,19 @@ def _is_eval_jsonl(path: Path) -> bool:
     return all(isinstance(r, dict) and {"task", "index"} <= set(r) for r in records)
 
 
+def _is_gguf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def _is_modelfile(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(40).startswith(b"# an Ollama Modelfile written by gpt2lab")
+
+
 FILE_KINDS = {"png": ("a PNG image", _is_png), "eval-json": ("gpt2lab eval metrics", _is_eval_json),
-              "eval-jsonl": ("gpt2lab eval predictions", _is_eval_jsonl)}
+              "eval-jsonl": ("gpt2lab eval predictions", _is_eval_jsonl), "gguf": ("a GGUF file", _is_gguf),
+              "modelfile": ("an Ollama Modelfile gpt2lab wrote", _is_modelfile)}
 
 
 def check_output_file(out: str | os.PathLike, kind: str, *, flag: str,

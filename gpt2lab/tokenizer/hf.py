@@ -82,8 +82,9 @@ def _parse_tokenizer_json(path: Path) -> tuple[dict, list, dict]:
     return dict(model.get("vocab", {})), merges, special
 
 
-def hf_tokenizer_files(tok: BPETokenizer, model_max_length: int) -> dict[str, object]:
-    """File name -> content of the files transformers' `AutoTokenizer` reads for this tokenizer."""
+def hf_tokenizer_files(tok: BPETokenizer, model_max_length: int, chat_template: str | None = None) -> dict[str, object]:
+    """File name -> content of the files transformers' `AutoTokenizer` reads for this tokenizer (with the chat
+    template of an instruction-tuned run, for `apply_chat_template`)."""
     specials = sorted(tok.special_tokens.items(), key=lambda kv: kv[1])
     vocab = dict(sorted({**tok.vocab, **tok.special_tokens}.items(), key=lambda kv: kv[1]))
     merges = [f"{a} {b}" for a, b in tok.merges]
@@ -117,6 +118,8 @@ def hf_tokenizer_files(tok: BPETokenizer, model_max_length: int) -> dict[str, ob
         "model_max_length": model_max_length,
         "added_tokens_decoder": {str(a["id"]): {k: v for k, v in a.items() if k != "id"} for a in added},
     }
+    if chat_template:
+        config["chat_template"] = chat_template
     return {
         "vocab.json": vocab,
         "merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n",

@@ -1,4 +1,5 @@
-"""`gpt2lab import-hf` and `gpt2lab export-hf`: Hugging Face GPT-2 checkpoints in and out."""
+"""`gpt2lab import-hf`, `export-hf` and `export-gguf`: models in from Hugging Face, out to transformers,
+llama.cpp and Ollama."""
 
 from __future__ import annotations
 
@@ -23,6 +24,19 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_export_gguf(args) -> int:
+    from gpt2lab.export.gguf import export_gguf, modelfile_path
+
+    out = export_gguf(args.run_dir, args.out, type=args.type, ollama=args.ollama)
+    size = out.stat().st_size / 2**20
+    print(f"wrote {out} ({args.type}, {size:.1f} MiB); run it with `llama-cli -m {out}` (llama.cpp)")
+    if args.ollama:
+        name = out.stem.lower().replace("_", "-")
+        print(f"wrote {modelfile_path(out)}; `ollama create {name} -f {modelfile_path(out)}` then "
+              f"`ollama run {name}`")
+    return 0
+
+
 def register(sub) -> None:
     i = sub.add_parser("import-hf", help="Hugging Face GPT-2 (local dir or hub id) -> run dir",
                        description="Turn a Hugging Face GPT-2 checkpoint into a gpt2lab run directory "
@@ -37,8 +51,9 @@ def register(sub) -> None:
 
     e = sub.add_parser("export-hf", help="run dir -> Hugging Face directory (GPT-2 or Llama)",
                        description="Write a run directory as a Hugging Face directory that transformers "
-                       "(GPT2LMHeadModel, or LlamaForCausalLM for a Llama-shaped model: rope, rmsnorm, swiglu, no "
-                       "bias; and AutoTokenizer), vLLM and lm-evaluation-harness load. A padded vocabulary is "
+                       "(GPT2LMHeadModel; LlamaForCausalLM for a Llama-shaped model: rope, rmsnorm, swiglu or relu2; "
+                       "Qwen3ForCausalLM when it adds --qk-norm; and AutoTokenizer, with the chat template of an "
+                       "SFT run), vLLM, lm-evaluation-harness and llama.cpp's converter load. A padded vocabulary is "
                        "trimmed; a GPT-2 without biases gets zero biases; a LoRA run is exported with its adapters "
                        "merged; a classifier as GPT2ForSequenceClassification.")
     e.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (trained, fine-tuned or imported)")
@@ -46,3 +61,19 @@ def register(sub) -> None:
     e.add_argument("--overwrite", action="store_true", help="replace an export made earlier in --out (never "
                    "another kind of directory, nor the run)")
     e.set_defaults(func=cmd_export)
+
+    g = sub.add_parser("export-gguf", help="run dir -> one GGUF file for llama.cpp, Ollama, LM Studio",
+                       description="Write a run directory as one GGUF file (weights, sizes, tokenizer, and the "
+                       "chat template of an SFT run) that llama.cpp, Ollama and LM Studio load: GPT-2's "
+                       "architecture, or a Llama-shaped one (rope, rmsnorm, swiglu; Qwen3 with --qk-norm). A LoRA "
+                       "run is exported with its adapters merged. What llama.cpp cannot compute is refused, "
+                       "naming every such option.")
+    g.add_argument("run_dir", metavar="RUN_DIR", help="a language-model run directory")
+    g.add_argument("--out", required=True, metavar="FILE.gguf", help="the file to write (an earlier GGUF there "
+                   "is replaced)")
+    g.add_argument("--type", default="f16", choices=("f32", "f16", "bf16", "q8_0"),
+                   help="how the weight matrices are stored: f32 (exact), f16 or bf16 (half the size), q8_0 "
+                   "(8.5 bits a weight, a quarter of f32) (default f16)")
+    g.add_argument("--ollama", action="store_true", help="also write FILE.Modelfile for `ollama create`, with "
+                   "the run's chat format and stop tokens")
+    g.set_defaults(func=cmd_export_gguf)
