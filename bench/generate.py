@@ -1,22 +1,21 @@
-"""Decoding speed: gpt2lab's generator (with and without its KV cache) vs transformers' `generate`.
+"""Local decoding speed: gpt2lab (fp32, bf16, int8, compiled) against the engines people run on their own
+machines, in the same run: transformers' `generate`, CTranslate2 (float32 and int8) and llama.cpp
+(through llama-cpp-python, f16 and q8_0 GGUF files written by `gpt2lab export-gguf`).
 
-Both models carry the same random weights (ours mapped into GPT2LMHeadModel with
-the four Conv1D transposes), decode the same prompts greedily for exactly
-`--new-tokens` tokens (no early stop) and must produce the same tokens. Each
-measurement is the best of `--repeat` runs; the implementations take turns
-within a repeat, so a burst of load from elsewhere hurts them alike. The time
-covers the whole call: prefill of the prompt, then one step per new token.
-gpt2lab decodes through its model's one forward (no second copy of the math).
+Every implementation decodes the same random-weight GPT-2 (the same tensors: exported to a transformers
+directory, converted by CTranslate2's own converter, written as GGUF), the same prompts, greedily, for
+exactly --new-tokens tokens. Each figure is the best of --repeat runs; the implementations take turns
+within a repeat, so a burst of load from elsewhere hurts them alike. The time covers the whole call:
+prefill of the prompt, then one step per token. The tokens of each are compared with gpt2lab fp32's (the
+share of equal tokens; lower precision changes near-ties of a random model's flat distribution).
 
-`--bf16` adds gpt2lab with the model cast to bfloat16 (`gpt2lab generate --dtype bf16`):
-half the bytes of weights to stream per step, and fast bf16 matmuls on CPUs with
-AVX512-BF16 or AMX. Its tokens are compared with the fp32 ones (bf16 rounding can
-change a near-tie).
+A peer that is not installed is skipped with a line saying so (`pip install 'gpt2lab[bench]'` installs
+them: ctranslate2, llama-cpp-python). llama.cpp's Python API decodes one sequence at a time, so it has
+batch-1 rows only.
 
-    python bench/generate.py                                  # gpt2, batch 1 and 8, 200 tokens, CPU
-    python bench/generate.py --threads 1 --bf16               # also bf16
-    python bench/generate.py --batch-sizes 1 --new-tokens 50 --skip-hf
-    python bench/generate.py --device cuda --json bench/generate.json
+    python bench/generate.py                                   # gpt2, batch 1 and 8, threads 1 and 2
+    python bench/generate.py --batch-sizes 1 --threads 2 --new-tokens 100 --only gpt2lab-int8 ct2-int8
+    python bench/generate.py --json bench/generate.json
 """
 
 from __future__ import annotations
@@ -26,164 +25,210 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
+from gpt2lab.checkpoint import write_run_config
+from gpt2lab.export.hf import export_hf
 from gpt2lab.generate import generate, generate_batch
 from gpt2lab.model.config import GPTConfig
 from gpt2lab.model.gpt import GPT
+from gpt2lab.model.quantize import quantize
+from gpt2lab.tokenizer import get_tokenizer
+from gpt2lab.weights import save_weights
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import cpu_features, cpu_name, hf_twin  # noqa: E402
+from common import cpu_features, cpu_name  # noqa: E402
 
 
-def machine(device: torch.device) -> str:
+def write_run(model: GPT, out: Path) -> Path:
+    tok = get_tokenizer("gpt2", fast=False)
+    out.mkdir(parents=True)
+    write_run_config(out, model.config, tokenizer_identity=tok.identity())
+    save_weights(model, out / "model.safetensors")
+    tok.save(out)
+    return out
+
+
+# ------------------------------------------------------------------------------ the implementations
+
+
+def gpt2lab_impl(model: GPT, compile: bool = False):
+    def decode(prompts: list[list[int]], n: int) -> list[list[int]]:
+        if len(prompts) == 1:
+            return [generate(model, prompts[0], n, temperature=0.0, compile=compile)]
+        return generate_batch(model, prompts, n, temperature=0.0)
+    return decode
+
+
+def transformers_impl(hf_dir: Path):
+    from transformers import GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+
+    def decode(prompts, n):
+        x = torch.tensor(prompts)
+        with torch.inference_mode():
+            out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, pad_token_id=0, eos_token_id=None)
+        return out[:, x.size(1):].tolist()
+    return decode
+
+
+def ctranslate2_impl(hf_dir: Path, work: Path, compute_type: str, threads: int):
+    import ctranslate2
+    from ctranslate2.converters import TransformersConverter
+
+    out = work / f"ct2-{compute_type}"
+    if not out.exists():
+        TransformersConverter(str(hf_dir)).convert(str(out), quantization=compute_type)
+    gen = ctranslate2.Generator(str(out), device="cpu", compute_type=compute_type, intra_threads=threads)
+    tok = get_tokenizer("gpt2", fast=False)
+    ids = {**tok.vocab, **tok.special_tokens}  # the token's text as the HF vocabulary writes it -> id
+    vocab = {i: t for t, i in ids.items()}
+
+    def decode(prompts, n):
+        batch = [[vocab[i] for i in p] for p in prompts]
+        results = gen.generate_batch(batch, max_length=n, min_length=n, sampling_topk=1, beam_size=1,
+                                     include_prompt_in_result=False, end_token=[])
+        return [[ids[t] for t in r.sequences[0]][:n] for r in results]
+    return decode
+
+
+def llama_cpp_impl(run_dir: Path, work: Path, kind: str, threads: int):
+    from llama_cpp import Llama
+
+    from gpt2lab.export.gguf import export_gguf
+
+    path = work / f"model-{kind}.gguf"
+    if not path.exists():
+        export_gguf(run_dir, path, type=kind)
+    llm = Llama(str(path), n_ctx=1024, n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False,
+                logits_all=False)
+
+    def decode(prompts, n):
+        out = []
+        for p in prompts:
+            llm.reset()
+            tokens = []
+            for t in llm.generate(p, top_k=1, temp=0.0, reset=True):
+                tokens.append(int(t))
+                if len(tokens) == n:
+                    break
+            out.append(tokens)
+        return out
+    return decode
+
+
+def implementations(model, bf16, int8, run_dir: Path, hf_dir: Path, work: Path, threads: int) -> dict:
+    """name -> a function that makes the decoder (a peer that is not installed raises ImportError)."""
+    return {"gpt2lab fp32": lambda: gpt2lab_impl(model), "gpt2lab bf16": lambda: gpt2lab_impl(bf16),
+            "gpt2lab int8": lambda: gpt2lab_impl(int8), "transformers fp32": lambda: transformers_impl(hf_dir),
+            "ctranslate2 float32": lambda: ctranslate2_impl(hf_dir, work, "float32", threads),
+            "ctranslate2 int8": lambda: ctranslate2_impl(hf_dir, work, "int8", threads),
+            "llama.cpp f16": lambda: llama_cpp_impl(run_dir, work, "f16", threads),
+            "llama.cpp q8_0": lambda: llama_cpp_impl(run_dir, work, "q8_0", threads)}
+
+
+# ------------------------------------------------------------------------------------ the run
+
+
+def machine(threads: list[int]) -> str:
     import transformers
 
-    versions = f"torch {torch.__version__}, transformers {transformers.__version__}"
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, {versions}"
-    cpu = cpu_name()
-    threads = torch.get_num_threads()
-    return (f"{cpu} ({cpu_features()}), {os.cpu_count()} cores, {versions}, "
-            f"{threads} thread{'s' if threads > 1 else ''}")
-
-
-def hf_twin_for_generate(model: GPT):
-    hf = hf_twin(model)
-    hf.generation_config.pad_token_id = 0
-    return hf.to(next(model.parameters()).device)
-
-
-def ours(model: GPT, prompts: torch.Tensor, n: int, use_cache: bool) -> list[list[int]]:
-    rows = prompts.tolist()
-    if len(rows) == 1:
-        return [generate(model, rows[0], max_new_tokens=n, temperature=0.0, use_cache=use_cache)]
-    extra = {} if use_cache else {"use_cache": False}  # so that older versions can be timed too
-    return generate_batch(model, rows, max_new_tokens=n, temperature=0.0, **extra)
-
-
-def theirs(hf, prompts: torch.Tensor, n: int) -> list[list[int]]:
-    with torch.inference_mode():
-        out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n,
-                          min_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None)
-    return out[:, prompts.size(1):].tolist()
-
-
-def first_difference(a: list[list[int]], b: list[list[int]]) -> str | None:
-    for r, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            t = next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
-            return f"row {r}, token {t}"
-    return None
+    versions = [f"torch {torch.__version__}", f"transformers {transformers.__version__}"]
+    for name in ("ctranslate2", "llama_cpp"):
+        try:
+            versions.append(f"{name} {__import__(name).__version__}")
+        except ImportError:
+            pass
+    return f"{cpu_name()} ({cpu_features()}), {os.cpu_count()} cores, {', '.join(versions)}"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="gpt2", help="gpt2lab preset (default gpt2, random weights)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--new-tokens", type=int, default=200)
-    p.add_argument("--no-cache-tokens", type=int, default=None,
-                   help="new tokens for the run without a cache (default: --new-tokens); it is "
-                   "quadratic, so a smaller number keeps the benchmark short")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--repeat", type=int, default=3, help="best of this many runs (default 3)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--skip-hf", action="store_true", help="time gpt2lab only")
-    p.add_argument("--skip-no-cache", action="store_true", help="leave out the run without a cache")
-    p.add_argument("--bf16", action="store_true", help="also time gpt2lab with the model in bfloat16")
+    p.add_argument("--only", nargs="+", default=None, help="these implementations only (names as in the table)")
+    p.add_argument("--compile", action="store_true", help="also gpt2lab with its compiled decoding step")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = p.parse_args()
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    n, n_nc = args.new_tokens, args.no_cache_tokens or args.new_tokens
     torch.manual_seed(0)
-    model = GPT(GPTConfig.from_preset(args.model)).to(device).eval()
-    hf = None if args.skip_hf else hf_twin_for_generate(model)
-    model_bf16 = None
-    if args.bf16:
-        model_bf16 = GPT(model.config).to(device).eval()
-        model_bf16.load_state_dict(model.state_dict())
-        model_bf16 = model_bf16.to(torch.bfloat16)
+    model = GPT(GPTConfig.from_preset(args.model)).eval()
+    work = Path(tempfile.mkdtemp(prefix="gpt2lab-bench-"))
+    run_dir = write_run(model, work / "run")
+    hf_dir = export_hf(run_dir, work / "hf")
+    bf16 = GPT(model.config).eval()
+    bf16.load_state_dict(model.state_dict())
+    bf16 = bf16.to(torch.bfloat16)
+    int8 = GPT(model.config).eval()
+    int8.load_state_dict(model.state_dict())
+    quantize(int8)
+    notes, rows = [], []
 
-    rows, notes = [], []
-    for bs in args.batch_sizes:
-        prompts = torch.randint(0, model.config.vocab_size, (bs, args.prompt_len), device=device,
-                                generator=torch.Generator(device=device).manual_seed(bs))
-        runs = {"gpt2lab": lambda k, x=prompts: ours(model, x, k, True)}
-        if args.bf16:
-            runs["gpt2lab, bf16"] = lambda k, x=prompts: ours(model_bf16, x, k, True)
-        if not args.skip_no_cache:
-            runs["gpt2lab, no cache"] = lambda k, x=prompts: ours(model, x, k, False)
-        if hf is not None:
-            runs["transformers"] = lambda k, x=prompts: theirs(hf, x, k)
-        tokens = {name: n_nc if name == "gpt2lab, no cache" else n for name in runs}
-        for f in runs.values():  # warm-up: first-call allocations and lazy initialisation
-            f(4)
-        best, best_cpu, outputs = {name: math.inf for name in runs}, {name: math.inf for name in runs}, {}
-        for _ in range(args.repeat):
-            for name, f in runs.items():
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                t, c = time.perf_counter(), time.process_time()
-                outputs[name] = f(tokens[name])
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                wall, cpu = time.perf_counter() - t, time.process_time() - c
-                best[name], best_cpu[name] = min(best[name], wall), min(best_cpu[name], cpu)
-                print(f"batch {bs}, {name}: {wall:.2f} s, {cpu:.2f} s of CPU", file=sys.stderr, flush=True)
-        if hf is not None:
-            diff = first_difference(outputs["gpt2lab"], outputs["transformers"])
-            notes.append(f"batch {bs}: gpt2lab and transformers produce "
-                         + ("the same tokens" if diff is None else f"different tokens from {diff}"))
-        if "gpt2lab, bf16" in outputs:
-            same = sum(a == b for x, y in zip(outputs["gpt2lab, bf16"], outputs["gpt2lab"]) for a, b in zip(x, y))
-            total = sum(len(x) for x in outputs["gpt2lab"])
-            notes.append(f"batch {bs}: gpt2lab in bf16 gives {same} of {total} tokens equal to fp32's "
-                         "(rounding changes near-ties)")
-        if "gpt2lab, no cache" in outputs:
-            same = all(a == b[:n_nc] for a, b in zip(outputs["gpt2lab, no cache"], outputs["gpt2lab"]))
-            notes.append(f"batch {bs}: gpt2lab without a cache "
-                         + ("matches" if same else "DIFFERS FROM") + " gpt2lab with one")
-        for name, seconds in best.items():
-            k = tokens[name]
-            rows.append({"impl": name, "batch": bs, "new_tokens": k, "seconds": seconds,
-                         "tokens_per_sec": bs * k / seconds, "ms_per_token": 1000 * seconds / k,
-                         "cpu_seconds": best_cpu[name], "cpu_ms_per_token": 1000 * best_cpu[name] / k})
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        impls = implementations(model, bf16, int8, run_dir, hf_dir, work, threads)
+        if args.compile:
+            impls["gpt2lab fp32 compiled"] = lambda: gpt2lab_impl(model, compile=True)
+        ready = {}
+        for name, make in impls.items():
+            if args.only and name not in args.only:
+                continue
+            try:
+                ready[name] = make()
+            except ImportError as e:
+                note = f"{name}: skipped, not installed ({e.name}; pip install 'gpt2lab[bench]')"
+                if note not in notes:
+                    notes.append(note)
+        for bs in args.batch_sizes:
+            g = torch.Generator().manual_seed(bs)
+            prompts = torch.randint(0, model.config.vocab_size, (bs, args.prompt_len), generator=g).tolist()
+            runs = {k: f for k, f in ready.items() if bs == 1 or not k.startswith("llama.cpp")}
+            for f in runs.values():
+                f(prompts, 4)  # warm-up: first-call allocations, lazy initialisation, compilation
+            best, outputs = {k: math.inf for k in runs}, {}
+            for _ in range(args.repeat):
+                for name, f in runs.items():
+                    t = time.perf_counter()
+                    outputs[name] = f(prompts, args.new_tokens)
+                    best[name] = min(best[name], time.perf_counter() - t)
+                    print(f"threads {threads}, batch {bs}, {name}: {best[name]:.2f} s", file=sys.stderr, flush=True)
+            reference = outputs.get("gpt2lab fp32")
+            for name, seconds in best.items():
+                same = None
+                if reference is not None:
+                    pairs = [(a, b) for x, y in zip(outputs[name], reference) for a, b in zip(x, y)]
+                    same = sum(a == b for a, b in pairs) / max(1, len(pairs))
+                rows.append({"impl": name, "threads": threads, "batch": bs, "tokens_per_sec":
+                             bs * args.new_tokens / seconds, "seconds": seconds, "same_tokens": same})
 
     cfg = model.config
-    print(f"# greedy decoding: {args.model} ({cfg.n_layer} layers, width {cfg.n_embd}, random weights), "
-          f"prompt {args.prompt_len} tokens, {n} new tokens"
-          + (f" ({n_nc} without the cache)" if n_nc != n and not args.skip_no_cache else "")
-          + f", fp32 on {device.type}, best of {args.repeat}")
-    print(f"# machine: {machine(device)}")
-    print("| implementation    | batch | new tokens | tokens/s | ms/token | vs transformers | CPU ms/token "
-          "| vs transformers (CPU) |")
-    print("|-------------------|------:|-----------:|---------:|---------:|----------------:|-------------:"
-          "|----------------------:|")
+    print(f"# greedy decoding, {args.model} ({cfg.n_layer} layers, width {cfg.n_embd}, random weights), prompt "
+          f"{args.prompt_len} tokens, {args.new_tokens} new tokens, best of {args.repeat}")
+    print(f"# machine: {machine(args.threads)}")
+    print("| implementation | threads | batch | tokens/s | vs ctranslate2 int8 | tokens equal to gpt2lab fp32 |")
+    print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        # a ratio compares runs of the same length only (the run without a cache may be shorter)
-        ref = next((x for x in rows if x["impl"] == "transformers" and x["batch"] == r["batch"]
-                    and x["new_tokens"] == r["new_tokens"]), None)
-        r["vs_transformers"] = ref["ms_per_token"] / r["ms_per_token"] if ref else None
-        r["vs_transformers_cpu"] = ref["cpu_ms_per_token"] / r["cpu_ms_per_token"] if ref else None
-        ratio, cpu_ratio = (f"{r['vs_transformers']:.2f}x", f"{r['vs_transformers_cpu']:.2f}x") if ref \
-            else ("-", "-")
-        print(f"| {r['impl']:<17} | {r['batch']:>5} | {r['new_tokens']:>10} | {r['tokens_per_sec']:>8.1f} "
-              f"| {r['ms_per_token']:>8.2f} | {ratio:>15} | {r['cpu_ms_per_token']:>12.2f} "
-              f"| {cpu_ratio:>21} |")
-    print("ms/token: wall-clock milliseconds per decoding step (one token for every row of the batch); "
-          "CPU ms/token: the process's CPU time per step, steadier than wall-clock time when other "
-          "programs share the cores.")
+        ref = next((x for x in rows if x["impl"] == "ctranslate2 int8" and x["threads"] == r["threads"]
+                    and x["batch"] == r["batch"]), None)
+        r["vs_ct2_int8"] = r["tokens_per_sec"] / ref["tokens_per_sec"] if ref else None
+        ratio = f"{r['vs_ct2_int8']:.2f}x" if ref else "-"
+        same = f"{100 * r['same_tokens']:.0f}%" if r["same_tokens"] is not None else "-"
+        print(f"| {r['impl']} | {r['threads']} | {r['batch']} | {r['tokens_per_sec']:.1f} | {ratio} | {same} |")
     for note in notes:
         print(f"# {note}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "machine": machine(device), "rows": rows, "notes": notes}, f,
+            json.dump({"args": vars(args), "machine": machine(args.threads), "rows": rows, "notes": notes}, f,
                       indent=2)
 
 

@@ -183,6 +183,44 @@ def encode_messages(tokenizer, messages: list[dict], fmt: str | ChatFormat | Non
     return ids, trained
 
 
+@dataclass(frozen=True)
+class Fitted:
+    """A conversation fitted to the context: the prompt's ids, the messages they hold, how many of the oldest
+    were left out, and how many tokens the answer may have."""
+
+    ids: list[int]
+    messages: list[dict]
+    dropped: int
+    max_new_tokens: int
+
+
+def fit_conversation(tokenizer, messages: list[dict], fmt: str | ChatFormat | None, block_size: int,
+                     max_new_tokens: int | None = None) -> Fitted:
+    """Keep a conversation inside the context, as every chat of gpt2lab does (the terminal's, the server's, the
+    page's): the system messages stay, the oldest turns go until the prompt leaves room for the answer
+    (max_new_tokens, or half the context when that is more; all that is left when it is None), and the
+    answer gets what is left. A last message that does not fit alone is a UserError."""
+    msgs = check_messages(messages)
+    system = [m for m in msgs if m["role"] == "system"]
+    turns = [m for m in msgs if m["role"] != "system"]
+    want = block_size // 2 if max_new_tokens is None else min(max_new_tokens, block_size // 2)
+    dropped = 0
+    while True:
+        kept = system + turns
+        ids, _ = encode_messages(tokenizer, kept, fmt, add_generation_prompt=True)
+        if len(ids) + max(want, 1) <= block_size or len(turns) <= 1:
+            break
+        # the oldest exchange goes (a user message and the answer to it), or one message when it stands alone
+        n = 2 if len(turns) > 2 and turns[0]["role"] == "user" and turns[1]["role"] == "assistant" else 1
+        turns, dropped = turns[n:], dropped + n
+    room = block_size - len(ids)
+    if room < 1:
+        raise UserError(f"the last message makes a prompt of {len(ids)} tokens, and the model's context holds "
+                        f"{block_size}; shorten it")
+    limit = room if max_new_tokens is None else min(max_new_tokens, room)
+    return Fitted(ids, kept, dropped, limit)
+
+
 def record_messages(record: dict) -> list[dict]:
     """An Alpaca record {instruction, input, output} or a chat record {messages} as messages."""
     if "messages" in record:

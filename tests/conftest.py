@@ -49,6 +49,14 @@ def shared_data() -> Path:
 TINY_CORPUS_CHARS = 200_000
 
 
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """The run dirs test_serve.py and test_serve_load.py serve (test_serve.make_runs)."""
+    from test_serve import make_runs
+
+    return make_runs(tmp_path_factory.mktemp("serve"))
+
+
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory) -> Path:
     """The first ~200 KB of the bundled Shakespeare; documents are separated by blank lines."""

@@ -58,8 +58,8 @@ def trained(tiny_data, tmp_path_factory) -> dict[str, Path]:
     runs = {}
     for name, options in FAMILIES.items():
         settings = dict(model="tiny", n_embd=64, n_head=2, block_size=64, batch_size=8, max_steps=300, lr=3e-3,
-                        warmup_steps=5, eval_every=300, eval_batches=1, log_every=300, checkpoint_every=300, tensorboard=False,
-                        device="cpu", sample_tokens=0, seed=1)
+                        warmup_steps=5, eval_every=300, eval_batches=1, log_every=300, checkpoint_every=300,
+                        tensorboard=False, device="cpu", sample_tokens=0, seed=1)
         argv = pretrain_argv(tiny_data, root / name, settings)
         for flag, value in options.items():
             argv += [f"--{flag.replace('_', '-')}"] + ([] if value is True else [str(value)])

@@ -288,7 +288,7 @@ def test_the_command_passes_allowed_hosts_and_timeout(serve_runs, monkeypatch, c
     """`gpt2lab serve --allowed-host NAME --timeout S` builds the server with them (nothing listens)."""
     import uvicorn
 
-    import gpt2lab.serve.app as app
+    import gpt2lab.serve.command as app
 
     seen = {}
     monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: None)
@@ -365,7 +365,7 @@ def test_a_reader_that_stops_reading_has_its_rows_freed(serve_runs, monkeypatch)
     receive window and a 4 KB send buffer on the server's side, so that the test does not depend on how much
     the kernel would buffer), the answer waits unread for --timeout (1 s), its job is cancelled and its
     rows leave the batch; the server goes on answering."""
-    import gpt2lab.serve.app as app
+    import gpt2lab.serve.command as app
 
     real_listen = app._listen
 

@@ -83,12 +83,12 @@ def write_run(out: Path, model: GPT, tok, template: str | None = None) -> Path:
 
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
+def make_runs(root: Path) -> dict[str, Path]:
+    """The served run dirs (the `runs` fixture of conftest.py): a base model (context 64), a chat model
+    (context 256) and the scripted thinking model."""
     from gpt2lab.tokenizer.train import train_bpe_from_texts
 
     tok = train_bpe_from_texts([TEXT], 300, name="tiny")
-    root = tmp_path_factory.mktemp("serve")
     out = {"base": write_run(root / "base", lively(tok.vocab_size, 64), tok),
            "chat": write_run(root / "chat", lively(tok.vocab_size, 256), tok, "chat")}
     prompt, _ = encode_messages(tok, [{"role": "user", "content": THINK_QUESTION}], "chat")
@@ -103,7 +103,8 @@ class Live:
         import uvicorn
 
         from gpt2lab.checkpoint import open_run
-        from gpt2lab.serve.app import Server, _listen, create_app
+        from gpt2lab.serve.app import Server, create_app
+        from gpt2lab.serve.command import _listen
         from gpt2lab.templates import get_format
 
         self.model, self.tok = load_run(run_dir, "cpu", kind="lm")
@@ -462,9 +463,14 @@ def test_more_bad_requests_and_the_server_keeps_serving(chat, base):
         chat.client().chat.completions.create(model="nope", messages=user("x"))
     with pytest.raises(openai.BadRequestError):
         chat.client().chat.completions.create(model="tiny-chat", messages=user("x"), temperature=7)
-    # max_tokens past the context is capped, not refused: generation stops at the context's end
-    r = base.client().completions.create(model="base", prompt="Hello world", max_tokens=10_000, temperature=0)
-    assert r.usage.total_tokens <= 64 and r.choices[0].finish_reason in ("length", "stop")
+    # a completion whose prompt and max_tokens pass the context is refused before it takes a place
+    with pytest.raises(openai.BadRequestError, match="ask for at most"):
+        base.client().completions.create(model="base", prompt="Hello world", max_tokens=10_000, temperature=0)
+    # a chat fits max_tokens to what the context leaves: generation stops at the context's end
+    r = chat.client().chat.completions.create(model="tiny-chat", messages=user("Hello"), max_tokens=10_000,
+                                              temperature=0)
+    context = chat.client().models.retrieve("tiny-chat").context_length
+    assert r.usage.total_tokens <= context and r.choices[0].finish_reason in ("length", "stop")
     # a client that sends half a body and hangs up
     with socket.create_connection(("127.0.0.1", chat.port)) as s:
         s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\n{\"mess")
@@ -596,7 +602,7 @@ def test_serve_command(runs, monkeypatch, capsys):
     refuses bad flags in one line (uvicorn's loop and the socket are stubbed: nothing listens)."""
     import uvicorn
 
-    import gpt2lab.serve.app as serve_mod
+    import gpt2lab.serve.command as serve_mod
 
     seen, real_listen = {}, serve_mod._listen
     monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: seen.update(app=self.config.app))

@@ -116,12 +116,12 @@ def cmd_generate(args) -> int:
 
 
 class Conversation:
-    """The turns of a chat, rendered in the run's chat format; the oldest turns are dropped when the prompt
-    and the answer would not fit in the context."""
+    """The turns of a chat, rendered in the run's chat format and kept inside the context by
+    `templates.fit_conversation` (the oldest turns dropped), as the server and the chat page do."""
 
     def __init__(self, tokenizer, fmt, block_size: int, max_new_tokens: int):
         self.tokenizer, self.fmt = tokenizer, fmt
-        self.room = max(1, block_size - min(max_new_tokens, block_size // 2))
+        self.block, self.max_new_tokens = block_size, max_new_tokens
         self.messages: list[dict] = []
 
     def clear(self) -> None:
@@ -129,15 +129,17 @@ class Conversation:
 
     def prompt(self, text: str) -> list[int]:
         """The prompt ids for the user's next message (earlier turns kept while they fit)."""
-        from gpt2lab.templates import encode_messages
+        from gpt2lab.errors import UserError
+        from gpt2lab.templates import encode_messages, fit_conversation
 
         turns = self.messages + [{"role": "user", "content": text}]
-        while True:
-            ids, _ = encode_messages(self.tokenizer, turns, self.fmt, add_generation_prompt=True)
-            if len(ids) <= self.room or len(turns) == 1:
-                return ids  # a single message longer than the context keeps its end (generate does that)
-            turns = turns[2:]  # drop the oldest exchange
-            self.messages = turns[:-1]
+        try:
+            fitted = fit_conversation(self.tokenizer, turns, self.fmt, self.block, self.max_new_tokens)
+        except UserError:  # one message longer than the context: its end is kept (generate crops the prompt)
+            self.messages = []
+            return encode_messages(self.tokenizer, turns[-1:], self.fmt, add_generation_prompt=True)[0]
+        self.messages = fitted.messages[:-1]
+        return fitted.ids
 
     def add(self, text: str, reply: str) -> None:
         from gpt2lab.templates import PLAIN

@@ -28,7 +28,9 @@ def check_settings(max_new_tokens: int, temperature: float, top_k: int | None, t
 
 
 def _check_finite(logits: torch.Tensor) -> None:
-    if not bool(torch.isfinite(logits).all()):
+    # one pass: a NaN or an infinity anywhere makes the sum NaN or infinite (in float64, finite logits
+    # cannot overflow it)
+    if not bool(torch.isfinite(logits.sum(dtype=torch.float64))):
         raise UserError("the model's logits are not finite (NaN or infinity): its weights are damaged; "
                         "use another checkpoint or train again")
 

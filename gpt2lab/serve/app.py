@@ -11,7 +11,10 @@ Endpoints (FastAPI on uvicorn, the optional extra `gpt2lab[serve]`):
     POST /v1/chat/completions   messages in the run's chat format (a base model: a transcript, "User: ...
                                 Assistant:", templates.TRANSCRIPT); logprobs / top_logprobs; a thinking section
                                 (<think>...</think> at the start of the answer) comes back apart, as
-                                `reasoning_content`
+                                `reasoning_content`; a conversation longer than the context loses its oldest
+                                turns (the system message stays; the X-Dropped-Messages header counts them)
+    POST /v1/responses          the Responses API, stateless (responses.py)
+    GET  /metrics               Prometheus text: requests, tokens, queue, batch, latencies (metrics.py)
 
 Both take max_tokens / max_completion_tokens (capped by what the context leaves), temperature (0 is
 greedy), top_p, top_k (an extra), stop (a string or a list; the stop text is not returned), n, seed and
@@ -28,7 +31,8 @@ Errors are OpenAI's JSON, {"error": {"message", "type", "param", "code"}}, on ev
 malformed JSON or fields and a prompt past the context, 401 for a missing or wrong key (when --api-key is
 set), 403 for a Host the server does not answer to, 404 for an unknown model or path, 408 for a body that
 does not arrive within --timeout, 413 for a body past --max-body-bytes, 415 for a body that is not
-`application/json`, 503 when the queue is full, 500 when generation itself fails. No request can stop
+`application/json`, 429 with Retry-After when --max-queue requests already wait, 503 while shutting down,
+500 when generation itself fails. No request can stop
 the server or fail another's: a failed step or sample fails its own rows only.
 
 What the defaults protect against, for a server on this machine: other sites' pages in a browser (a
@@ -43,28 +47,21 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import socket
-import sys
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import uvicorn
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
-from gpt2lab.checkpoint import open_run
-from gpt2lab.device import resolve_device
-from gpt2lab.errors import UserError
-from gpt2lab.serve import openai
+from gpt2lab.serve import openai, responses
 from gpt2lab.serve.api import APIError, check_choices, parse_messages, parse_params, parse_prompts
 from gpt2lab.serve.guards import GuardHosts, check_key, check_model, read_json, trusted_hosts
-from gpt2lab.templates import get_format
+from gpt2lab.serve.metrics import RequestLog
+from gpt2lab.serve.scheduler import MAX_QUEUE, PREFIX_CACHE_BYTES
 
 DEFAULT_MAX_BODY = 1 << 20
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 PAGE = Path(__file__).resolve().parents[1] / "assets" / "chat.html"
 
 
@@ -73,8 +70,10 @@ class Server:
 
     def __init__(self, model, tokenizer, fmt, model_name: str, *, max_batch: int = 32, api_key: str | None = None,
                  max_body: int = DEFAULT_MAX_BODY, cors_origins: tuple[str, ...] = (),
-                 allowed_hosts: tuple[str, ...] = (), bound_host: str = "127.0.0.1", timeout: float = 30.0):
-        self.served = openai.ServedModel(model, tokenizer, fmt, model_name, max_batch=max_batch)
+                 allowed_hosts: tuple[str, ...] = (), bound_host: str = "127.0.0.1", timeout: float = 30.0,
+                 max_queue: int = MAX_QUEUE, prefix_cache_bytes: int = PREFIX_CACHE_BYTES):
+        self.served = openai.ServedModel(model, tokenizer, fmt, model_name, max_batch=max_batch, max_queue=max_queue,
+                                         prefix_cache_bytes=prefix_cache_bytes)
         self.api_key, self.max_body, self.cors_origins = api_key, max_body, tuple(cors_origins)
         self.hosts = trusted_hosts(bound_host, allowed_hosts)
         self.timeout = timeout  # seconds a client may take to send its body or to read its answer
@@ -82,6 +81,10 @@ class Server:
     @property
     def scheduler(self):
         return self.served.scheduler
+
+    @property
+    def metrics(self):
+        return self.served.metrics
 
     @property
     def name(self) -> str:
@@ -112,7 +115,31 @@ def sse(obj) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
-def _event_stream(run: openai.Run, chunks, include_usage: bool, usage_head: dict) -> StreamingResponse:
+def _typed_events(run: openai.Run, events, headers: dict) -> StreamingResponse:
+    """The Responses API's stream: each event as `event: TYPE` and its JSON, no [DONE]; a failure is an
+    `error` event. However it ends, the run's jobs are cancelled."""
+
+    async def body():
+        try:
+            try:
+                async for event in events:
+                    yield f"event: {event['type']}\n".encode() + sse(event)
+            except APIError as e:
+                yield b"event: error\n" + sse(responses.error_event(e))
+            except Exception as e:  # noqa: BLE001 - the headers are sent: the error goes into the stream
+                yield b"event: error\n" + sse(responses.error_event(APIError(500, f"internal error: "
+                                                                              f"{type(e).__name__}", "server_error")))
+        finally:
+            run.cancel()
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={**headers, **NO_BUFFERING})
+
+
+NO_BUFFERING = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _event_stream(run: openai.Run, chunks, include_usage: bool, usage_head: dict,
+                  headers: dict | None = None) -> StreamingResponse:
     """The one streaming envelope of every endpoint: each chunk as a server-sent event (with "usage": null
     when the usage was asked for), then the usage chunk, then [DONE]; a failure ends the stream with
     OpenAI's error body, and however the stream ends (a client that goes away included) the run's jobs are
@@ -135,11 +162,10 @@ def _event_stream(run: openai.Run, chunks, include_usage: bool, usage_head: dict
         finally:
             run.cancel()
 
-    return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(body(), media_type="text/event-stream", headers={**(headers or {}), **NO_BUFFERING})
 
 
-async def _whole(request, run: openai.Run, answer) -> Response:
+async def _whole(request, run: openai.Run, answer, headers: dict | None = None) -> Response:
     """The whole answer; if the client leaves first, its jobs are cancelled."""
     task = asyncio.ensure_future(answer)
     gone = asyncio.ensure_future(_disconnected(request))
@@ -152,7 +178,13 @@ async def _whole(request, run: openai.Run, answer) -> Response:
         gone.cancel()
     if task.cancelled():
         return Response(status_code=499)  # nobody reads it
-    return JSONResponse(task.result())
+    return JSONResponse(task.result(), headers=headers)
+
+
+def _fitted(prepared: list[openai.Prepared]) -> dict:
+    """The header that says a conversation was shortened to fit the context."""
+    dropped = sum(p.dropped for p in prepared)
+    return {"X-Dropped-Messages": str(dropped)} if dropped else {}
 
 
 async def _answer(server: Server, request, chat: bool) -> Response:
@@ -171,11 +203,30 @@ async def _answer(server: Server, request, chat: bool) -> Response:
         check_choices(len(prompts), p.n)
         prepared = await asyncio.to_thread(lambda: [served.prepare_completion(x, p) for x in prompts])
         kind, chunks, fold = "text_completion", openai.completion_chunks, openai.fold_completion
-    run = openai.Run(served, prepared, p, stall_timeout=server.timeout)
+    run = _start(server, request, prepared, p)
     top = openai.head(kind, served)
     if p.stream:
-        return _event_stream(run, chunks(run, top), p.include_usage, top)
-    return await _whole(request, run, fold(run, top))
+        return _event_stream(run, chunks(run, top), p.include_usage, top, _fitted(prepared))
+    return await _whole(request, run, fold(run, top), _fitted(prepared))
+
+
+def _start(server: Server, request, prepared, p) -> openai.Run:
+    run = openai.Run(server.served, prepared, p, stall_timeout=server.timeout, arrived=request.state.arrived)
+    request.state.run = run  # for the request's log line
+    return run
+
+
+async def _respond(server: Server, request) -> Response:
+    """POST /v1/responses: the Responses API over the same chat prompt and batch."""
+    check_key(server, request)
+    data = await read_json(server, request)
+    check_model(server, data)
+    messages, p = responses.parse_request(data, server.scheduler.max_batch)
+    prepared = [await asyncio.to_thread(server.served.prepare_chat, messages, p)]
+    run = _start(server, request, prepared, p)
+    if p.stream:
+        return _typed_events(run, responses.response_events(run, data), _fitted(prepared))
+    return await _whole(request, run, responses.fold_response(run, data), _fitted(prepared))
 
 
 # ------------------------------------------------------------------------------------ the app
@@ -196,13 +247,14 @@ def create_app(server: Server):
     app = FastAPI(title="gpt2lab serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.server = server
     app.add_middleware(GuardHosts, server=server)
+    app.add_middleware(RequestLog, metrics=server.metrics)
     if server.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(server.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"], max_age=600)
 
     @app.exception_handler(APIError)
     async def api_error(request, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(HTTPException)
     async def http_error(request, e: HTTPException):
@@ -224,6 +276,10 @@ def create_app(server: Server):
     async def health(request):
         return JSONResponse({"status": "ok", "model": server.name, **server.scheduler.stats()})
 
+    async def metrics(request):
+        return Response(server.metrics.render(server.scheduler.stats()),
+                        media_type="text/plain; version=0.0.4; charset=utf-8")
+
     async def models(request):
         check_key(server, request)
         return JSONResponse({"object": "list", "data": [server.served.card()]})
@@ -239,70 +295,15 @@ def create_app(server: Server):
     async def complete(request):
         return await _answer(server, request, chat=False)
 
+    async def respond(request):
+        return await _respond(server, request)
+
     app.add_route("/", chat_page, methods=["GET"], include_in_schema=False)
     app.add_route("/health", health, methods=["GET"], include_in_schema=False)
     app.add_route("/v1/models", models, methods=["GET"], include_in_schema=False)
     app.add_route("/v1/models/{model_id:path}", model, methods=["GET"], include_in_schema=False)
     app.add_route("/v1/chat/completions", chat, methods=["POST"], include_in_schema=False)
     app.add_route("/v1/completions", complete, methods=["POST"], include_in_schema=False)
+    app.add_route("/v1/responses", respond, methods=["POST"], include_in_schema=False)
+    app.add_route("/metrics", metrics, methods=["GET"], include_in_schema=False)
     return app
-
-
-# --------------------------------------------------------------------------------- the command
-
-
-def _listen(host: str, port: int):
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as e:
-        raise UserError(f"--host {host}: cannot resolve it ({e.strerror}); pass an address such as 127.0.0.1") \
-            from None
-    family, _, _, _, address = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(address)
-    except OSError as e:
-        sock.close()
-        raise UserError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port or stop what "
-                        "uses it") from None
-    sock.listen(2048)
-    sock.set_inheritable(True)
-    return sock
-
-
-def serve(run_dir, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
-          api_key: str | None = None, cors_origins: tuple[str, ...] = (), max_batch: int = 32,
-          device: str = "auto", dtype: str = "fp32", max_body: int = DEFAULT_MAX_BODY, ready=None,
-          allowed_hosts: tuple[str, ...] = (), timeout: float = 30.0, quantize: str | None = None) -> None:
-    """Load the run and serve it until interrupted (the `gpt2lab serve` command)."""
-    api_key = api_key if api_key is not None else os.environ.get("GPT2LAB_API_KEY")  # (a flag shows in `ps`)
-    if api_key is not None and not api_key.strip():
-        raise UserError("--api-key is empty; give a key or leave the flag out")
-    name = model_name or Path(run_dir).resolve().name
-    if not name.strip():
-        raise UserError("--model-name is empty")
-    info = open_run(run_dir)
-    fmt = get_format(info.template)
-    model, tok = info.load(resolve_device(device), kind="lm", dtype=dtype, quantize=quantize)
-    if tok.eot_id is None:
-        raise UserError(f"{run_dir}: the tokenizer has no <|endoftext|> token; gpt2lab serve needs one to end answers")
-    sock = _listen(host, port)
-    if host not in LOOPBACK and api_key is None:
-        print(f"warning: serving on {host} without --api-key: anyone who can reach this machine can use the model",
-              file=sys.stderr, flush=True)
-    server = Server(model, tok, fmt, name, max_batch=max_batch, api_key=api_key, max_body=max_body,
-                    cors_origins=cors_origins, allowed_hosts=allowed_hosts, bound_host=host, timeout=timeout)
-    app = create_app(server)
-    bound = sock.getsockname()[1]
-    shown = f"[{host}]" if ":" in host else host
-    print(f"gpt2lab serve: {run_dir} as model {name!r} ({fmt.name} format, context {server.block}, batch up to "
-          f"{max_batch}) on http://{shown}:{bound} (chat page at /, API at /v1)", flush=True)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=3)
-    if ready is not None:
-        ready(server, bound)
-    try:
-        uvicorn.Server(config).run(sockets=[sock])
-    except KeyboardInterrupt:  # uvicorn shut down gracefully and passes Ctrl-C on: the usual way to stop
-        pass
-    print("gpt2lab serve: stopped", flush=True)

@@ -15,7 +15,12 @@ from gpt2lab.text import StopText, StreamDecoder
 
 
 class Busy(UserError):
-    """The scheduler takes no more jobs now (its queue is full, or it is shutting down)."""
+    """The scheduler takes no more jobs now: its queue is full (come back in `retry_after` seconds), or it is
+    shutting down (retry_after None)."""
+
+    def __init__(self, message: str, retry_after: int | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 @dataclass

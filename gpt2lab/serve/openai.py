@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 from gpt2lab.errors import UserError
 from gpt2lab.serve.api import APIError, Params, bad_request
+from gpt2lab.serve.metrics import Metrics
 from gpt2lab.serve.scheduler import Busy, Failed, Finish, Job, PromptLogprobs, Scheduler, Text
-from gpt2lab.templates import PLAIN, TRANSCRIPT, encode_messages
+from gpt2lab.templates import PLAIN, TRANSCRIPT, fit_conversation
 from gpt2lab.text import ThinkSplitter
 
 
@@ -28,17 +29,19 @@ class Prepared:
     ids: list[int]
     echo_text: str
     limit: int
+    dropped: int = 0  # the oldest messages of a conversation left out to fit the context
 
 
 class ServedModel:
     """The model behind the API: its name, tokenizer, chat format and context, and the scheduler that runs it."""
 
-    def __init__(self, model, tokenizer, fmt, name: str, max_batch: int = 32):
+    def __init__(self, model, tokenizer, fmt, name: str, **scheduling):
         if fmt is PLAIN:  # a base model: chat messages become a transcript it continues
             fmt = TRANSCRIPT
         self.tokenizer, self.fmt, self.name = tokenizer, fmt, name
         self.block = model.config.block_size
-        self.scheduler = Scheduler(model, tokenizer, max_batch=max_batch)
+        self.scheduler = Scheduler(model, tokenizer, **scheduling)
+        self.metrics = Metrics()
         self.created = int(time.time())
 
     def card(self) -> dict:
@@ -52,6 +55,10 @@ class ServedModel:
             raise bad_request(f"the prompt is {n_prompt} tokens long, longer than the model's context of "
                               f"{self.block} tokens; shorten it", param, "context_length_exceeded")
         room = self.block - n_prompt
+        if p.max_tokens is not None and p.max_tokens > room:  # refused up front, before it takes a place
+            raise bad_request(f"the prompt is {n_prompt} tokens long and max_tokens is {p.max_tokens}: together "
+                              f"{n_prompt + p.max_tokens}, past the model's context of {self.block} tokens; ask for "
+                              f"at most {room} tokens", "max_tokens", "context_length_exceeded")
         wanted = p.max_tokens if p.max_tokens is not None else (default if default is not None else room)
         if wanted > 0 and room == 0:
             raise bad_request(f"the prompt is {n_prompt} tokens long and fills the model's context of "
@@ -59,13 +66,14 @@ class ServedModel:
         return min(wanted, room)
 
     def prepare_chat(self, messages: list[dict], p: Params) -> Prepared:
+        """A conversation kept inside the context as every gpt2lab chat does: the oldest turns go (the system
+        message stays) and max_tokens is fitted to what is left; the answer says so (`dropped`)."""
         try:
-            ids, _ = encode_messages(self.tokenizer, messages, self.fmt, add_generation_prompt=True)
+            fitted = fit_conversation(self.tokenizer, messages, self.fmt, self.block, p.max_tokens)
         except UserError as e:
-            raise bad_request(str(e), "messages") from None
-        if not ids:
-            ids = [self.tokenizer.eot_id]
-        return Prepared(ids, "", self._limit(len(ids), p, "messages", None))
+            raise bad_request(str(e), "messages", "context_length_exceeded" if "context" in str(e) else None) \
+                from None
+        return Prepared(fitted.ids or [self.tokenizer.eot_id], "", fitted.max_new_tokens, fitted.dropped)
 
     def prepare_completion(self, prompt, p: Params) -> Prepared:
         tok = self.tokenizer
@@ -97,8 +105,11 @@ class Run:
     `stall_timeout` seconds (or `max_unread` events pile up), its jobs are cancelled and their rows freed."""
 
     def __init__(self, served: ServedModel, prepared: list[Prepared], p: Params, stall_timeout: float = 30.0,
-                 max_unread: int = 4096):
+                 max_unread: int = 4096, arrived: float | None = None):
         self.loop = asyncio.get_running_loop()
+        self.arrived = arrived if arrived is not None else time.monotonic()
+        self.first_token: float | None = None  # seconds from arrival to the first token
+        self._last_token: dict[int, float] = {}  # choice -> when its last token came
         self.queue: asyncio.Queue = asyncio.Queue()
         self.stall_timeout, self.max_unread = stall_timeout, max_unread
         self.last_read, self.stalled = time.monotonic(), False
@@ -115,8 +126,11 @@ class Run:
                 self.jobs.append(served.scheduler.submit(job))
         except UserError as e:
             self.cancel()
-            if isinstance(e, Busy):
-                raise APIError(503, str(e), "server_error", None, "server_busy") from None
+            if isinstance(e, Busy) and e.retry_after is None:
+                raise APIError(503, str(e), "server_error", None, "shutting_down") from None
+            if isinstance(e, Busy):  # come back later, at once rather than after a growing wait
+                raise APIError(429, str(e), "rate_limit_error", None, "server_busy",
+                               {"Retry-After": str(e.retry_after)}) from None
             raise bad_request(str(e)) from None
 
     def _sink(self, k: int):
@@ -147,7 +161,20 @@ class Run:
             if isinstance(ev, Finish):
                 self.finished += 1
                 self.completion_tokens += ev.completion_tokens
-            yield k, k * self.p.n + getattr(ev, "index", 0), ev
+            i = k * self.p.n + getattr(ev, "index", 0)
+            if isinstance(ev, Text):
+                self._timing(i)
+            yield k, i, ev
+
+    def _timing(self, choice: int) -> None:
+        now = time.monotonic()
+        if self.first_token is None:
+            self.first_token = now - self.arrived
+            self.served.metrics.ttft.observe(self.first_token)
+        last = self._last_token.get(choice)
+        if last is not None:
+            self.served.metrics.itl.observe(now - last)
+        self._last_token[choice] = now
 
     def usage(self) -> dict:
         prompt = sum(len(x.ids) for x in self.prepared)

@@ -52,11 +52,14 @@ from gpt2lab.serve.jobs import (
     prompt_logprobs,
     sample_rows,
 )
+from gpt2lab.serve.prefix import PrefixCache
 
 __all__ = ["Busy", "Event", "Failed", "Finish", "Job", "PromptLogprobs", "Scheduler", "Text", "TokenInfo"]
 
 GROW = 128  # cache slots added at a time as the rows write
 PREFILL_CHUNK = 512  # prompt tokens prefilled per step, all prefilling rows together
+MAX_QUEUE = 64  # requests that may wait for a place in the batch; past them a request is refused at once
+PREFIX_CACHE_BYTES = 512 << 20  # keys and values of prompt beginnings kept for reuse
 
 
 class _Prefill:
@@ -77,10 +80,12 @@ class Scheduler:
         scheduler.close()
     """
 
-    def __init__(self, model: GPT, tokenizer, max_batch: int = 32, max_waiting: int = 1024,
-                 prefill_chunk: int = PREFILL_CHUNK):
+    def __init__(self, model: GPT, tokenizer, max_batch: int = 32, max_queue: int = MAX_QUEUE,
+                 prefill_chunk: int = PREFILL_CHUNK, prefix_cache_bytes: int = PREFIX_CACHE_BYTES):
         if max_batch < 1:
             raise UserError(f"max_batch must be at least 1, got {max_batch}")
+        if max_queue < 0:
+            raise UserError(f"max_queue must be at least 0, got {max_queue}")
         if prefill_chunk < 1:
             raise UserError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -88,7 +93,8 @@ class Scheduler:
         self.block = model.config.block_size
         self.device = model.transformer.wte.weight.device
         self.eot = tokenizer.eot_id
-        self.max_batch, self.max_waiting, self.prefill_chunk = max_batch, max_waiting, prefill_chunk
+        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self.prefix = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self._lock = threading.Condition()
         self._inbox: list[Job] = []
         self._waiting: deque[Job] = deque()
@@ -99,7 +105,7 @@ class Scheduler:
         self._closing = False
         self._thread: threading.Thread | None = None
         self.counters = {"steps": 0, "tokens": 0, "jobs": 0, "cancelled": 0, "failed": 0, "max_rows": 0,
-                         "prefill_tokens": 0}
+                         "prefill_tokens": 0, "prefix_tokens": 0, "rejected": 0}
 
     # ----------------------------------------------------------------------------- public side
 
@@ -131,18 +137,34 @@ class Scheduler:
             raise UserError(f"n must be between 1 and {self.max_batch} (the server's batch size), got {job.n}")
         with self._lock:
             if self._closing:
-                raise Busy("the server is shutting down")
-            if len(self._inbox) + len(self._waiting) >= self.max_waiting:
-                raise Busy(f"the server is busy ({self.max_waiting} requests waiting); try again later")
+                raise Busy("the server is shutting down", retry_after=None)
+            waiting = self._would_wait()
+            free = self.max_batch - len(self._rows) - sum(p.job.n for p in self._prefills) - sum(
+                j.n for j in (*self._waiting, *self._inbox))
+            if waiting >= self.max_queue and (waiting or job.n > free):  # a free place takes it at once
+                self.counters["rejected"] += 1
+                raise Busy(f"the server is busy ({self.max_batch} rows decoding, {waiting} requests waiting); "
+                           "try again shortly", retry_after=1 + waiting // self.max_batch)
             job.submitted = time.monotonic()
             self._inbox.append(job)
             self._lock.notify_all()
         return job
 
+    def _would_wait(self) -> int:
+        """How many queued jobs would still wait if every place free now were taken, first come first served."""
+        free = self.max_batch - len(self._rows) - sum(p.job.n for p in self._prefills)
+        queued = [*self._waiting, *self._inbox]
+        for k, j in enumerate(queued):
+            if j.n > free:
+                return len(queued) - k
+            free -= j.n
+        return 0
+
     def stats(self) -> dict:
         """Rows decoding now, jobs waiting, and counters since the start (read without locking)."""
         return {"active": len(self._rows), "prefilling": len(self._prefills),
-                "waiting": len(self._waiting) + len(self._inbox), "max_batch": self.max_batch, **self.counters}
+                "waiting": len(self._waiting) + len(self._inbox), "max_batch": self.max_batch,
+                "max_queue": self.max_queue, **self.counters}
 
     # ----------------------------------------------------------------------------- worker side
 
@@ -230,7 +252,15 @@ class Scheduler:
         rows = len(self._rows) + sum(p.job.n for p in self._prefills)
         while self._waiting and rows + self._waiting[0].n <= self.max_batch:
             job = self._waiting.popleft()
-            self._prefills.append(_Prefill(job))
+            p = _Prefill(job)
+            if self.prefix is not None and not job.prompt_logprobs:  # the prompt's cached beginning
+                m, layers = self.prefix.match(job.prompt)
+                if m:
+                    _grow(self._prefill_cache, m, self.block)
+                    self._prefill_cache.write_row(len(self._prefills), layers)
+                    p.fed = m
+                    self.counters["prefix_tokens"] += m
+            self._prefills.append(p)
             rows += job.n
             self.counters["jobs"] += 1
 
@@ -268,6 +298,8 @@ class Scheduler:
             p.fed += n
             if p.fed == len(p.job.prompt):
                 done.append(b)
+                if self.prefix is not None:
+                    self.prefix.store(p.job.prompt, self._prefill_cache.read_row(b, p.fed))
                 self._start_rows(b, p, self.model.head(h[b, n - 1]))
         if done:
             self._keep_prefills([i for i in range(len(self._prefills)) if i not in done])
