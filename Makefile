@@ -8,7 +8,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO   ?= demo
 CORPUS := gpt2lab/assets/shakespeare.txt.gz
-DEMO_STEPS ?= 800
+DEMO_STEPS ?= 1400
 RL ?= demo-rl
 RL_TASK := --task countdown --difficulty 2
 

@@ -222,7 +222,7 @@ def main() -> None:
     table = server_table(run, hf_dir, args.vllm)
     keys = list(dict.fromkeys(args.servers + (["gpt2lab-noprefix"] if "chat" in args.shapes and "gpt2lab" in
                                                args.servers else [])))
-    notes, failed, sections = [], set(), []
+    notes, sections = [], []
     running = start_servers(keys, table, args.threads, work, notes)
     try:
         if "concurrency" in args.shapes:
@@ -230,7 +230,7 @@ def main() -> None:
             for n in args.clients:
                 out = each_server({k: v for k, v in running.items() if k != "gpt2lab-noprefix"}, table,
                                   f"{n} clients", lambda url, m, n=n: concurrency(url, m, texts[:n], args.new_tokens),
-                                  notes, failed)
+                                  notes, set())
                 check_agreement(out, table, f"{n} clients", notes)
                 rows += [(table[k][0], n, summarize(r)) for k, r in out.items()]
             sections.append(("concurrency: N clients at once, each a different "
@@ -241,7 +241,7 @@ def main() -> None:
                                f"{s['per_client']:.1f}", f"{s['total']:.1f}"] for label, n, s in rows]))
         if "mixed" in args.shapes:
             out = each_server({k: v for k, v in running.items() if k != "gpt2lab-noprefix"}, table, "mixed",
-                              lambda url, m: mixed(url, m, texts[:8], long_texts, args.new_tokens), notes, failed)
+                              lambda url, m: mixed(url, m, texts[:8], long_texts, args.new_tokens), notes, set())
             sections.append((f"mixed: 8 streams of {4 * args.new_tokens} tokens; 4 prompts of {args.long_tokens} "
                              "tokens join them one after another",
                              ["server", "ITL p95 alone (s)", "ITL p95 with long prompts (s)", "ratio",
@@ -251,7 +251,7 @@ def main() -> None:
                                f"{r['long']['ttft_p95']:.2f}"] for k, r in out.items()]))
         if "chat" in args.shapes:
             out = each_server(running, table, "chat", lambda url, m: chat(url, m, questions, 8, args.turns,
-                                                                         args.new_tokens), notes, failed)
+                                                                         args.new_tokens), notes, set())
             sections.append((f"chat: 8 conversations at once, {args.turns} turns each (a {len(SYSTEM.split())}-word "
                              "system prompt; every turn sends the whole conversation)",
                              ["server", "TTFT p50 (s)", "TTFT p50 of later turns (s)", "TTFT p95 (s)",
@@ -265,15 +265,17 @@ def main() -> None:
                 for rate in args.rates:
                     r = each_server({key: running[key]}, table, f"poisson {rate}/s",
                                     lambda url, m, rate=rate: poisson(url, m, texts, args.new_tokens, rate,
-                                                                      args.seconds), notes, failed).get(key)
+                                                                      args.seconds), notes, set()).get(key)
                     if r is None:
+                        good = None
                         break
                     rows.append([table[key][0], f"{rate:g}", r["requests"], f"{r['ttft_p50']:.2f}",
                                  f"{r['ttft_p95']:.2f}", f"{r['total']:.1f}"])
                     if r["ttft_p95"] > 2.0:
                         break
                     good = rate
-                rows.append([table[key][0], "goodput", "", "", "", f"{good:g} requests/s with p95 TTFT <= 2 s"])
+                rows.append([table[key][0], "goodput", "", "", "", "failed (see the notes)" if good is None else
+                             f"{good:g} requests/s with p95 TTFT <= 2 s"])
             sections.append((f"poisson: requests arriving at random for {args.seconds:g} s at each rate",
                              ["server", "rate (requests/s)", "requests", "TTFT p50 (s)", "TTFT p95 (s)",
                               "tokens/s total"], rows))

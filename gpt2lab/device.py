@@ -1,7 +1,8 @@
 """Where a model runs and in what precision: the device names of every command's --device and --dtype.
 
     resolve_device("auto")    cuda if there is a GPU, else mps on Apple silicon, else cpu
-    resolve_dtype("auto", d)  bf16 on a CUDA GPU that has it (else fp16), fp32 elsewhere
+    resolve_dtype("auto", d)  bf16 on a CUDA GPU that has it (else fp16) and on a CPU with native bf16, fp32
+                              elsewhere
     autocast(device, dtype)   mixed precision for a block of code (nothing for fp32)
 """
 
@@ -33,13 +34,37 @@ def resolve_device(name: str) -> torch.device:
         raise UserError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {name!r} asked for, but no CUDA GPU is available; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"device {name!r} asked for, but this machine has {torch.cuda.device_count()} CUDA "
+                        f"GPU(s) (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    if device.type == "mps" and not mps_available():
+        raise UserError(f"device {name!r} asked for, but Apple's Metal (MPS) is not available here (it needs a "
+                        "Mac with Apple silicon and a PyTorch built for it); use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"device {name!r}: gpt2lab runs on cpu, cuda, cuda:N or mps")
     return device
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (Intel AMX or AVX512-BF16): there bf16 autocast trains about
+    1.6x faster than fp32 at the same loss per step (README's "The CPU recipe")."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"amx_bf16", "avx512_bf16"})
+    except OSError:
+        pass
+    return False
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cpu" and cpu_has_bf16():
+            return torch.bfloat16
         return torch.float32
     dtype = DTYPES[name]
     if dtype == torch.float16 and device.type != "cuda":

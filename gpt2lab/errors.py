@@ -10,3 +10,7 @@ else is a bug and keeps its traceback.
 
 class UserError(ValueError):
     """Bad input or a bad argument; the message names the problem and the fix."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C, handled: the message says where the work stopped and how to go on (the CLI exits 130)."""

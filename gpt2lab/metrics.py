@@ -22,6 +22,17 @@ def format_seconds(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}"
 
 
+def human_duration(seconds: float) -> str:
+    """A duration as people say it: 40 s, 12 min, 5.3 hours, 3.6 days."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} hours"
+    return f"{seconds / 86400:.1f} days"
+
+
 class MetricsLogger:
     def __init__(self, run_dir: str | os.PathLike, tensorboard: bool = True, resume_step: int | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"

@@ -292,9 +292,14 @@ _GO = {
 }
 
 
-def jinja_template(fmt: str | None) -> str | None:
-    """The chat template (Jinja, as transformers and llama.cpp read it) of a run's format; None for none."""
-    return _JINJA.get(fmt) if fmt else None
+_JINJA["transcript"] = ("{%- for m in messages -%}{{ m.role | capitalize + ': ' + m.content + '\\n' }}{%- endfor -%}"
+                        "{%- if add_generation_prompt -%}{{ 'Assistant:' }}{%- endif -%}")
+
+
+def jinja_template(fmt: str | None) -> str:
+    """The chat template (Jinja, as transformers and llama.cpp read it) of a run's format; a base model's is
+    the transcript gpt2lab serve gives it ("User: ...\\nAssistant:"), so that other servers chat with it alike."""
+    return _JINJA[fmt or "transcript"]
 
 
 def ollama_template(fmt: str | None) -> str:

@@ -759,6 +759,27 @@ def test_chat_page_in_a_browser(think, chat, tmp_path, monkeypatch):
         while chat.health()["cancelled"] == cancelled or chat.health()["active"]:
             assert time.time() < deadline
             time.sleep(0.05)
+        monkeypatch.undo()
+
+        # a reload keeps the conversation; it goes on past the model's context, its oldest turns left out
+        driver.refresh()
+        wait.until(lambda d: "tiny-chat" in d.find_element(By.ID, "model").text)
+        shown = [m.get_attribute("textContent") for m in driver.find_elements(By.CSS_SELECTOR, ".msg .content")]
+        assert shown[:4] == ["hello", replies[0], "and then?", replies[1]] and len(shown) == 6
+        el = driver.find_element(By.ID, "max-tokens")
+        el.clear()
+        el.send_keys("12")
+        for i in range(4):
+            driver.find_element(By.ID, "input").send_keys(f"turn {i}: " + "many words in a row " * 12, Keys.ENTER)
+            wait.until(lambda d, n=i + 4: len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-done]")) == n)
+        metas = [m.text for m in driver.find_elements(By.CSS_SELECTOR, ".msg.assistant .meta")]
+        assert "no longer fit the model's context" in metas[-1] and not any("Error" in m for m in metas), metas
+        assert not driver.find_elements(By.CSS_SELECTOR, ".msg.error")
+        driver.save_screenshot(str(tmp_path / "chat3.png"))
+        driver.find_element(By.ID, "new-chat").click()
+        driver.refresh()
+        wait.until(lambda d: "tiny-chat" in d.find_element(By.ID, "model").text)
+        assert not driver.find_elements(By.CSS_SELECTOR, ".msg")
     finally:
         driver.quit()
 

@@ -686,8 +686,8 @@ def test_cli_errors_are_one_line(base_run, tmp_path, gpt2lab_procs):
                       ["--init"]),
         "data not JSON": (["finetune", "sft", "--init", str(base_run), "--data", str(not_json), "--out",
                            str(tmp_path / "r2"), "--device", "cpu"], [str(not_json), "not valid JSON"]),
-        "source not a dir": (["finetune", "instructions", "--out", str(tmp_path / "set"), "--synthetic", "8",
-                              "--source", str(a_file)], [str(a_file), "not a directory"]),
+        "source not Q/A": (["finetune", "instructions", "--out", str(tmp_path / "set"), "--synthetic", "8",
+                              "--source", str(a_file)], [str(a_file), "a Q/A file is .jsonl, .json, .csv or .tsv"]),
     }
     results = gpt2lab_procs([{"argv": argv} for argv, _ in cases.values()], timeout=120, train=False)
     for (name, (_, needles)), res in zip(cases.items(), results):

@@ -18,8 +18,11 @@ import math
 import os
 import sys
 
+# commands that write nothing (Ctrl-C loses nothing)
+READ_ONLY = ("generate", "chat", "serve", "info", "plot")
 # command modules, in the order `gpt2lab --help` lists them
-COMMAND_MODULES = ["tokenizer", "data", "train", "generate", "serve", "export", "evaluate", "finetune", "ablate"]
+COMMAND_MODULES = ["tokenizer", "data", "train", "generate", "serve", "export", "evaluate", "finetune", "ablate",
+                   "info"]
 
 
 class Parser(argparse.ArgumentParser):
@@ -31,8 +34,28 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # noqa: D401 - argparse API
-        sys.stderr.write(f"error: {message}; see `{self.prog} --help`\n")
+        sys.stderr.write(f"error: {message}{self._suggestion(message)}; see `{self.prog} --help`\n")
         sys.exit(2)
+
+    def _suggestion(self, message: str) -> str:
+        """"did you mean --lr?" for a mistyped flag."""
+        import difflib
+        import re
+
+        m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if m:  # a mistyped command or choice
+            choices = re.findall(r"'?([\w.-]+)'?", m.group(2))
+            close = difflib.get_close_matches(m.group(1), choices, n=1, cutoff=0.6)
+            return f" (did you mean {close[0]}?)" if close else ""
+        if not message.startswith("unrecognized arguments:"):
+            return ""
+        flags = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+        for word in message.split(":", 1)[1].split():
+            if word.startswith("--"):
+                close = difflib.get_close_matches(word.split("=")[0], flags, n=1, cutoff=0.7)
+                if close:
+                    return f" (did you mean {close[0]}?)"
+        return ""
 
 
 # ------------------------------------------------------------------ argument types
@@ -133,10 +156,13 @@ def _parse(parser: argparse.ArgumentParser, argv):
 
 
 def main(argv: list[str] | None = None) -> None:
-    from gpt2lab.errors import UserError
+    from gpt2lab.errors import Interrupted, UserError
     from gpt2lab.io import WRITE_ERRNOS
 
     parser = build_parser()
+    if not (sys.argv[1:] if argv is None else argv):  # bare `gpt2lab`: what it can do
+        parser.print_help()
+        sys.exit(0)
     args = _parse(parser, argv)
     try:
         code = args.func(args)
@@ -155,8 +181,13 @@ def main(argv: list[str] | None = None) -> None:
             raise
         where = e.filename if e.filename is not None else "the output"
         _error(f"cannot write {where} ({e.strerror}); free space, fix the permissions or choose another path")
+    except Interrupted as e:
+        sys.stderr.write(f"\n{e}\n")
+        sys.exit(130)
     except KeyboardInterrupt:
-        sys.stderr.write("\nerror: interrupted\n")
+        sys.stderr.write("\ninterrupted (Ctrl-C); nothing was written\n" if args.command in READ_ONLY
+                         else "\ninterrupted (Ctrl-C); outputs are written whole or not at all, so run the "
+                         "command again\n")
         sys.exit(130)
     sys.exit(code or 0)
 

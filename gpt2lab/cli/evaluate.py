@@ -11,7 +11,7 @@ from gpt2lab.cli import finite_float, nonneg_int, positive_int
 
 # the tasks of gpt2lab.evals.benchmarks.TASKS (a test checks that they agree), named here so that a typo is
 # reported at once, without importing torch
-TASK_NAMES = ("loss", "hellaswag", "lambada", "mc", "judge", "arithmetic", "countdown")
+TASK_NAMES = ("loss", "hellaswag", "lambada", "mc", "judge", "exact", "arithmetic", "countdown")
 CHECKABLE = ("arithmetic", "countdown")  # gpt2lab.evals.checkable.BUILTIN: pass@1 and pass@k on held-out prompts
 
 
@@ -54,9 +54,10 @@ def cmd_eval(args) -> int:
 
     tasks = list(dict.fromkeys(t for group in args.task for t in group))
     data = _data_map(args.data, tasks)
-    if "judge" in tasks and "judge" not in data:
-        raise UserError("task judge needs --data FILE.json or .jsonl of Alpaca records "
-                        "{instruction, input, output}")
+    for name in ("judge", "exact"):
+        if name in tasks and name not in data:
+            raise UserError(f"task {name} needs --data FILE.json or .jsonl of Alpaca records "
+                            "{instruction, input, output}")
     # the outputs are checked before the (long) evaluation starts
     from gpt2lab.sources import expand_inputs
 
@@ -74,6 +75,10 @@ def cmd_eval(args) -> int:
         from gpt2lab.evals.judge import judge_task
 
         extra["judge"] = judge_task(args.judge_url, args.judge_model, args.judge_api_key, args.max_new_tokens)
+    if "exact" in tasks:
+        from gpt2lab.evals.judge import exact_task
+
+        extra["exact"] = exact_task(args.max_new_tokens)
     if args.k > max(1, args.samples):
         raise UserError(f"--k {args.k} needs at least that many --samples per prompt (now {args.samples})")
     for name in CHECKABLE:
@@ -105,7 +110,8 @@ def register(sub) -> None:
         "perplexity and bits per byte of a data dir's val split or of text files, long documents in "
         "sliding windows), hellaswag (acc, acc_norm), lambada (acc, ppl of the last word), mc (a JSONL "
         "of {\"context\", \"choices\", \"label\"}), judge (answers to Alpaca records scored 0-100 by a "
-        "larger model behind an OpenAI-compatible endpoint), arithmetic and countdown (checkable tasks: pass@1, "
+        "larger model behind an OpenAI-compatible endpoint), exact (the share of greedy answers to Alpaca records "
+        "equal to their output), arithmetic and countdown (checkable tasks: pass@1, "
         "greedy, and pass@k on held-out prompts). HellaSwag and LAMBADA are downloaded once "
         "into ~/.cache/gpt2lab unless --data is given.")
     p.add_argument("run_dir", help="a run directory (trained, fine-tuned or imported)")
@@ -139,7 +145,7 @@ def register(sub) -> None:
     p.add_argument("--judge-api-key", default=None, help="judge: the API key of that endpoint, sent only to it "
                    "(default: none)")
     p.add_argument("--max-new-tokens", type=positive_int, default=128,
-                   help="judge, arithmetic, countdown: tokens generated per answer (default 128)")
+                   help="judge, exact, arithmetic, countdown: tokens generated per answer (default 128)")
     p.add_argument("--difficulty", type=positive_int, default=1, help="arithmetic, countdown: difficulty 1 to 5 "
                    "(default 1)")
     p.add_argument("--samples", type=nonneg_int, default=0, help="arithmetic, countdown: sampled answers per "

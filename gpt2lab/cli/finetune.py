@@ -119,7 +119,8 @@ def cmd_instructions(args) -> int:
     else:
         counts = build_instruction_set(args.out, args.source, synthetic=args.synthetic,
                                        heldout_fraction=args.heldout_fraction, seed=args.seed,
-                                       overwrite=args.overwrite)
+                                       overwrite=args.overwrite, question_field=args.question_field,
+                                       answer_field=args.answer_field)
     for split, per_task in counts.items():
         total = sum(per_task.values())
         detail = ", ".join(f"{k} {v}" for k, v in sorted(per_task.items()))
@@ -164,8 +165,12 @@ def register(sub) -> None:
                           "checkable answers (arithmetic, spelling backwards, letter counts, copying with a "
                           "change) plus, with --source, Q/A material converted to instructions.")
     i.add_argument("--out", required=True, help="the directory to write (train.jsonl, heldout.jsonl)")
-    i.add_argument("--source", default=None, help="a folder with chatterbot/*.yml, gsm8k_test.jsonl.gz, "
-                   "squad_val_1000.jsonl.gz")
+    i.add_argument("--source", default=None, help="your Q/A file (.jsonl, .json, .csv or .tsv with named fields), "
+                   "or a folder with chatterbot/*.yml, gsm8k_test.jsonl.gz, squad_val_1000.jsonl.gz")
+    i.add_argument("--question-field", default=None, metavar="NAME", help="the field of --source holding the "
+                   "question (default: question, prompt, instruction, query, ...)")
+    i.add_argument("--answer-field", default=None, metavar="NAME", help="the field of --source holding the "
+                   "answer (default: answer, output, response, completion, ...)")
     i.add_argument("--synthetic", type=nonneg_int, default=4000, help="generated checkable records (default 4000)")
     i.add_argument("--heldout-fraction", type=fraction, default=0.1, help="held-out share (default 0.1)")
     i.add_argument("--seed", type=nonneg_int, default=0, help="seed of the generated tasks and the split (default 0)")

@@ -98,7 +98,7 @@ def cmd_generate(args) -> int:
         raise UserError("give the prompt with --prompt or --prompt-file, not both")
     prompt = io.read_text(args.prompt_file, "prompt file") if args.prompt_file else unescape(args.prompt or "")
     model, tok, fmt = _load(args)
-    stop = list(args.stop or [])
+    stop = [unescape(s) for s in args.stop or []]  # --stop "\n\n" means two line breaks, as in --prompt
     chat = fmt is not PLAIN and not args.raw
     if chat:  # an instruction-tuned model: the prompt is the user's message
         ids, _ = encode_messages(tok, [{"role": "user", "content": prompt}], fmt, add_generation_prompt=True)
@@ -321,7 +321,8 @@ def register(sub) -> None:
                    "(default: start a new document)")
     g.add_argument("--prompt-file", default=None, help="read the prompt from this file")
     g.add_argument("--num-samples", type=positive_int, default=1, help="how many continuations (default 1)")
-    g.add_argument("--stop", action="append", help="stop at this text (repeatable)")
+    g.add_argument("--stop", action="append",
+                   help="stop at this text (repeatable; \\n and \\t are line breaks and tabs)")
     g.add_argument("--raw", action="store_true", help="ignore the run's chat format")
     g.set_defaults(func=cmd_generate)
 

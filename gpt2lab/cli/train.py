@@ -79,10 +79,28 @@ def cmd_pretrain(args) -> int:
         if int(os.environ.get("RANK", "0")) == 0:  # (under torchrun: one plan, not one per process)
             print(text)
         return 0
+    if int(os.environ.get("RANK", "0")) == 0:
+        _cpu_note(cfg, given)
     result = pretrain(cfg, given)
     if int(os.environ.get("RANK", "0")) == 0:
         _after_training(result, result.settings or cfg)
     return 0
+
+
+def _cpu_note(cfg, given: dict) -> None:
+    """A run that takes the GPU-sized defaults on a CPU is told what it costs and what a CPU wants instead."""
+    from gpt2lab.device import resolve_device
+    from gpt2lab.model.config import PRESETS
+
+    if cfg.resume or cfg.init_from or "model" in given or given.get("n_layer") or given.get("n_embd") \
+            or resolve_device(cfg.device).type != "cpu":
+        return
+    size = PRESETS[cfg.model]
+    print(f"note: no --model or --config, so this trains the {cfg.model} preset ({size['n_layer']} layers, width "
+          f"{size['n_embd']}: GPT-2's 124M parameters at --model gpt2) for {cfg.max_steps} steps on the CPU, which "
+          "takes hours to days (the first steps print an estimate). On a CPU start with `--config "
+          "configs/demo.toml` (a 4-layer model, minutes) or `--model mini`; stop with Ctrl-C and resume later",
+          flush=True)
 
 
 def _after_training(result, cfg) -> None:
@@ -103,9 +121,12 @@ def _after_training(result, cfg) -> None:
 
 
 def cmd_plot(args) -> int:
-    from gpt2lab.plot import plot_run
+    from gpt2lab.plot import plot_run, plot_runs
 
-    path = plot_run(args.run_dir, args.out)
+    if len(args.run_dir) == 1:
+        path = plot_run(args.run_dir[0], args.out)
+    else:
+        path = plot_runs(args.run_dir, args.out or "compare.png")
     print(f"wrote {path}")
     return 0
 
@@ -129,8 +150,9 @@ def register(sub) -> None:
                    help="with --dry-run: plan for this many processes (default: torchrun's, else 1)")
     t.set_defaults(func=cmd_pretrain)
 
-    pl = sub.add_parser("plot", help="plot a run's loss and learning-rate curves to a PNG")
-    pl.add_argument("run_dir", help="a run directory")
-    pl.add_argument("--out", default=None, help="the PNG to write (default RUN_DIR/curves.png; an existing file "
-                    "is replaced only if it is a PNG)")
+    pl = sub.add_parser("plot", help="plot a run's loss and learning-rate curves to a PNG (several: compared)")
+    pl.add_argument("run_dir", nargs="+", metavar="RUN_DIR", help="a run directory; more than one are drawn on "
+                    "one figure")
+    pl.add_argument("--out", default=None, help="the PNG to write (default RUN_DIR/curves.png, or compare.png "
+                    "for several runs; an existing file is replaced only if it is a PNG)")
     pl.set_defaults(func=cmd_plot)

@@ -4,6 +4,7 @@ them)."""
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 
@@ -49,3 +50,48 @@ def record_problem(r) -> str | None:
         if key in r and r[key] is not None and not isinstance(r[key], str):
             return f"has a `{key}` that is {type(r[key]).__name__}, not text"
     return None
+
+
+QUESTION_FIELDS = ("question", "prompt", "instruction", "query", "q", "input")
+ANSWER_FIELDS = ("answer", "output", "response", "completion", "a", "target")
+
+
+def read_qa_file(path: str | os.PathLike, question_field: str | None = None,
+                 answer_field: str | None = None) -> list[dict]:
+    """Instruction records ({instruction, output}) from a user's own question/answer file: JSONL, JSON (a list
+    of objects), CSV or TSV with a header line. The fields are named, or found among the usual names
+    (question/prompt/instruction/..., answer/output/response/...)."""
+    path = Path(path)
+    name = path.name.lower().removesuffix(".gz")
+    if name.endswith((".csv", ".tsv")):
+        text = io.read_text(path, "Q/A file")
+        rows = list(csv.DictReader(text.splitlines(), delimiter="\t" if name.endswith(".tsv") else ","))
+        located = [(f"{path}:{i + 2}", r) for i, r in enumerate(rows)]
+    elif name.endswith((".jsonl", ".json")):
+        located = io.read_records(path, "Q/A file")
+    else:
+        raise UserError(f"--source {path}: a Q/A file is .jsonl, .json, .csv or .tsv (or a folder of Q/A material)")
+    if not located:
+        raise UserError(f"--source {path} holds no records")
+    fields = list(located[0][1])
+    q = _field(question_field, QUESTION_FIELDS, fields, path, "--question-field", "question")
+    a = _field(answer_field, ANSWER_FIELDS, fields, path, "--answer-field", "answer")
+    out = []
+    for where, r in located:
+        question, answer = r.get(q), r.get(a)
+        if not isinstance(question, str) or not isinstance(answer, str) or not question.strip():
+            raise UserError(f"{where}: `{q}` and `{a}` must be text (the question and its answer)")
+        out.append({"instruction": question.strip(), "output": answer.strip(), "task": path.stem})
+    return out
+
+
+def _field(given: str | None, usual: tuple[str, ...], fields: list[str], path: Path, flag: str, what: str) -> str:
+    if given is not None:
+        if given not in fields:
+            raise UserError(f"{flag} {given!r}: {path} has no such field (it has {', '.join(fields)})")
+        return given
+    lower = {f.lower(): f for f in fields}
+    for name in usual:
+        if name in lower:
+            return lower[name]
+    raise UserError(f"{path}: no field holds the {what} (it has {', '.join(fields)}); name it with {flag}")

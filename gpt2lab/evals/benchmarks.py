@@ -266,7 +266,8 @@ def format_table(results: Sequence[TaskResult]) -> str:
     for res in results:
         m, first = res.metrics, True
         passes = sorted(k for k in m if k.startswith("pass_at_"))
-        for key in ("acc", "acc_norm", "loss", "ppl", "bpb", "mean_score", "unscored", *passes, "mean_reward"):
+        for key in ("acc", "acc_norm", "loss", "ppl", "bpb", "exact_match", "mean_score", "unscored", *passes,
+                    "mean_reward"):
             if key not in m:
                 continue
             value = m[key]

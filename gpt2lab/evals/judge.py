@@ -1,11 +1,13 @@
-"""Scoring instruction answers 0-100 with a larger model behind an OpenAI-compatible endpoint.
+"""Scoring instruction answers: 0-100 by a larger model behind an OpenAI-compatible endpoint, or by exact match.
 
 The book has a locally run Llama 3 (through Ollama) grade each answer of the
 fine-tuned model against the reference output. `judge_score` asks any server
 that speaks `/v1/chat/completions` (Ollama, vLLM, llama.cpp's server, OpenAI)
 the same question, through gpt2lab's one HTTP client (gpt2lab.client);
 `eval_judge` generates the answers greedily with the run's prompt template and
-averages the scores.
+averages the scores. `eval_exact` needs no judge: the share of greedy answers
+equal to the reference output (whitespace at the ends ignored), for tasks with
+one right answer.
 """
 
 from __future__ import annotations
@@ -114,11 +116,7 @@ def eval_judge(model, tokenizer, records: list[dict], fmt="alpaca", url: str = D
     record per example: index, answer, score.
     """
     records = records[:limit] if limit is not None else records
-    for i, r in enumerate(records):
-        if not isinstance(r, dict) or not isinstance(r.get("instruction"), str) \
-                or not isinstance(r.get("output"), str):
-            raise UserError(f"judge: record {i} is not an Alpaca record; each needs text `instruction` and "
-                            "`output` (and optionally `input`)")
+    _check_records(records, "judge")
     preds, scores = [], []
     for i, r in enumerate(progress_bar(records, desc="judge", unit="ex", disable=not progress, leave=False,
                                file=sys.stderr)):
@@ -131,6 +129,46 @@ def eval_judge(model, tokenizer, records: list[dict], fmt="alpaca", url: str = D
     mean = sum(scores) / len(scores) if scores else None
     return TaskResult({"task": "judge", "n": len(records), "mean_score": mean, "scored": len(scores),
                        "unscored": len(records) - len(scores), "judge_model": judge_model}, preds)
+
+
+def _check_records(records: list[dict], task: str) -> None:
+    for i, r in enumerate(records):
+        if not isinstance(r, dict) or not isinstance(r.get("instruction"), str) \
+                or not isinstance(r.get("output"), str):
+            raise UserError(f"{task}: record {i} is not an Alpaca record; each needs text `instruction` and "
+                            "`output` (and optionally `input`)")
+
+
+def eval_exact(model, tokenizer, records: list[dict], fmt="alpaca", max_new_tokens: int = 128,
+               limit: int | None = None, *, progress: bool = False):
+    """The share of records whose greedy answer is their `output` exactly (ends' whitespace aside).
+
+    Returns a TaskResult: {"task": "exact", "n", "exact_match"} and one record per example: index,
+    answer, gold, correct.
+    """
+    records = records[:limit] if limit is not None else records
+    _check_records(records, "exact")
+    preds = []
+    for i, r in enumerate(progress_bar(records, desc="exact", unit="ex", disable=not progress, leave=False,
+                                       file=sys.stderr)):
+        ans = generate_answer(model, tokenizer, fmt, r, max_new_tokens)
+        preds.append({"task": "exact", "index": i, "answer": ans, "gold": r["output"].strip(),
+                      "correct": ans == r["output"].strip()})
+    hits = sum(p["correct"] for p in preds)
+    return TaskResult({"task": "exact", "n": len(records), "exact_match": hits / len(records) if records else None},
+                      preds)
+
+
+def exact_task(max_new_tokens: int = 128):
+    """Exact match as a task of `evaluate_run`: greedy answers in the run's chat format."""
+
+    def run(model, tokenizer, info, data, limit=None, progress=False):
+        if data is None:
+            raise UserError("task exact needs --data FILE.json or .jsonl of Alpaca records")
+        return eval_exact(model, tokenizer, read_instructions(data), info.template or "alpaca", max_new_tokens,
+                          limit, progress=progress)
+
+    return run
 
 
 def judge_task(url: str = DEFAULT_URL, judge_model: str = DEFAULT_MODEL, api_key: str | None = None,
@@ -148,5 +186,5 @@ def judge_task(url: str = DEFAULT_URL, judge_model: str = DEFAULT_MODEL, api_key
     return run
 
 
-__all__ = ["DEFAULT_MODEL", "DEFAULT_URL", "chat", "completions_url", "eval_judge", "generate_answer",
-           "judge_prompt", "judge_score", "judge_task", "parse_score"]
+__all__ = ["DEFAULT_MODEL", "DEFAULT_URL", "chat", "completions_url", "eval_exact", "eval_judge", "exact_task",
+           "generate_answer", "judge_prompt", "judge_score", "judge_task", "parse_score"]

@@ -53,6 +53,7 @@ from gpt2lab.finetune.classify_data import (
 )
 from gpt2lab.finetune.config import TRAIN_MODES, ClassifyConfig
 from gpt2lab.io import file_sha256
+from gpt2lab.metrics import console
 from gpt2lab.model import lora as lora_mod
 from gpt2lab.model.config import GPTConfig
 from gpt2lab.model.gpt import GPTClassifier
@@ -156,6 +157,7 @@ class ExampleLoader:
 
 class ClassifyTask(FinetuneTask):
     name = TASK
+    command = "finetune classify"
     kind = "classifier"
     cfg: ClassifyConfig
 
@@ -184,6 +186,8 @@ class ClassifyTask(FinetuneTask):
         self.seqs = {k: [s[:self.max_length] for s in v] for k, v in full.items()}
         self.gold = {k: [label_id[ex.label] for ex in v] for k, v in splits.items()}
         self.sizes = {k: len(v) for k, v in splits.items()}
+        console(f"data: {self.sizes['train']:,} train, {self.sizes['val']:,} validation and {self.sizes['test']:,} "
+                f"test examples; {len(labels)} labels ({', '.join(labels[:8])}{', ...' if len(labels) > 8 else ''})")
         self.best = {"epoch": None, "key": None, "metrics": None}
         self.history: list[dict] = []
 
@@ -235,7 +239,9 @@ class ClassifyTask(FinetuneTask):
             self.best = {"epoch": record["epoch"], "step": step, "key": key, "metrics": metrics}
             if self.cfg.keep_best and ctx.dist.is_main:
                 save_weights(model, ctx.out / BEST_FILE)
-        return {k: v for k, v in record.items() if v is not None and k != "epoch"}
+        # the test split is scored every time (for the kept epoch's results) but shown once, at the end: choosing
+        # by it would make it a second validation split
+        return {k: v for k, v in record.items() if v is not None and k != "epoch" and not k.startswith("test_")}
 
     def state_dict(self) -> dict:
         return {"best": self.best, "history": self.history}
@@ -275,6 +281,11 @@ class ClassifyTask(FinetuneTask):
                             train_mode=self.cfg.train_mode, trainable_params=trainable, total_params=total,
                             per_class={k: metrics[k]["per_class"] for k in SPLITS}, history=self.history)
         io.write_json(self.ctx.out / RESULTS_FILE, self.results)
+        kept = f"the epoch {self.best['epoch']:g} weights (best validation accuracy)" if self.cfg.keep_best and \
+            metrics["val"]["n"] else "the last weights"
+        shown = [f"{k} accuracy {metrics[k]['accuracy']:.4f} ({metrics[k]['n']:,} examples)" for k in SPLITS
+                 if metrics[k]["n"]]
+        console(f"kept {kept}: " + ", ".join(shown))
 
 
 def _load_splits(cfg: ClassifyConfig) -> tuple[dict[str, list[Example]], dict]:

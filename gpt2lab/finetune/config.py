@@ -97,8 +97,10 @@ class ClassifyConfig(LoopConfig):
                             "weights")
     keep_best: bool = opt(True, "keep the weights of the epoch with the best validation accuracy (else the last)")
     # the loop's settings, with classification's defaults
-    epochs: float | None = opt(5.0, "passes over the training data; when given it sets --max-steps",
-                               check=finite_range(0, lo_open=True))
+    DEFAULT_EPOCHS = 5.0
+    epochs: float | None = opt(None, "passes over the training data (default 5, unless --max-steps is given); it "
+                               "sets the number of steps", check=finite_range(0, lo_open=True))
+    max_steps: int | None = opt(None, "optimizer steps (default: 5 epochs)", check=POSITIVE, resumable=True)
     batch_size: int = opt(8, "examples per micro-batch, per process (may change on --resume: the examples per step "
                           "stay the run's)", check=POSITIVE, resumable=True)
     lr: float = opt(5e-5, "AdamW learning rate", check=finite_range(0, 10, lo_open=True))
@@ -131,6 +133,9 @@ class ClassifyConfig(LoopConfig):
         if self.data is not None and (self.val or self.test):
             raise UserError("--val/--test go with --train; with --data the splits are made from "
                             "--val-fraction and --test-fraction")
+        if self.epochs is not None and self.max_steps is not None:
+            raise UserError(f"--epochs {self.epochs:g} and --max-steps {self.max_steps} both set the length of the "
+                            "run; give one of them")
         super().validate()
         if self.strategy == "fsdp":
             raise UserError("--strategy fsdp is for pretrain and finetune sft; a classifier trains with ddp")

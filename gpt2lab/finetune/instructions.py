@@ -28,6 +28,7 @@ import torch
 import yaml
 
 from gpt2lab import io
+from gpt2lab.data.records import read_qa_file
 from gpt2lab.errors import UserError
 from gpt2lab.evals.checkable import get_task
 from gpt2lab.finetune.sft import encode_record, pad_examples
@@ -79,13 +80,17 @@ def synthetic_tasks(n: int, seed: int = 0) -> list[dict]:
     return out
 
 
-def qa_records(source: str | os.PathLike) -> list[dict]:
-    """Instruction records from the Q/A files of a folder: chatterbot/*.yml, gsm8k_test.jsonl.gz,
+def qa_records(source: str | os.PathLike, question_field: str | None = None,
+               answer_field: str | None = None) -> list[dict]:
+    """Instruction records from your own Q/A file (JSONL, JSON, CSV or TSV with named fields: data.records'
+    `read_qa_file`), or from the Q/A files of a folder: chatterbot/*.yml, gsm8k_test.jsonl.gz,
     squad_val_1000.jsonl.gz (the layout of the offline Q/A collection the README names)."""
     source = Path(source)
+    if source.is_file():
+        return read_qa_file(source, question_field, answer_field)
     if not source.is_dir():
-        raise UserError(f"--source {source} is not a directory of Q/A material; pass a folder holding "
-                        "chatterbot/*.yml, gsm8k_test.jsonl.gz or squad_val_1000.jsonl.gz")
+        raise UserError(f"--source {source} does not exist; pass your Q/A file (.jsonl, .json, .csv, .tsv) or a "
+                        "folder holding chatterbot/*.yml, gsm8k_test.jsonl.gz or squad_val_1000.jsonl.gz")
     out: list[dict] = []
     for path in sorted((source / "chatterbot").glob("*.yml")):
         try:
@@ -123,7 +128,8 @@ def qa_records(source: str | os.PathLike) -> list[dict]:
 
 def build_instruction_set(out_dir: str | os.PathLike, source: str | os.PathLike | None = None,
                           synthetic: int = 4000, heldout_fraction: float = 0.1, seed: int = 0,
-                          overwrite: bool = False) -> dict:
+                          overwrite: bool = False, question_field: str | None = None,
+                          answer_field: str | None = None) -> dict:
     """Write train.jsonl and heldout.jsonl (and instructions.json, which describes them) into a new
     directory; return their sizes per task."""
     if isinstance(synthetic, bool) or not isinstance(synthetic, int) or synthetic < 0:
@@ -138,7 +144,7 @@ def build_instruction_set(out_dir: str | os.PathLike, source: str | os.PathLike 
                         inputs=[source] if source is not None else [])
     records = synthetic_tasks(synthetic, seed)
     if source is not None:
-        records += qa_records(source)
+        records += qa_records(source, question_field, answer_field)
     seen, unique = set(), []
     for r in records:  # generated tasks repeat; a held-out record must not also be in train
         key = (r["instruction"], r.get("input", ""), r["output"])

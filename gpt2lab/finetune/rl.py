@@ -111,6 +111,7 @@ class PromptLoader:
 
 class RLTask(FinetuneTask):
     name = "rl"
+    command = "finetune rl"
     cfg: RLConfig
 
     def inputs(self) -> list[str]:

@@ -32,6 +32,7 @@ from gpt2lab.errors import UserError
 from gpt2lab.finetune.base import FinetuneTask
 from gpt2lab.finetune.config import SFTConfig
 from gpt2lab.io import file_sha256
+from gpt2lab.metrics import console
 from gpt2lab.model.config import GPTConfig
 from gpt2lab.model.gpt import GPT
 from gpt2lab.model.lora import apply_lora
@@ -46,12 +47,24 @@ from gpt2lab.weights import save_lora, save_weights
 def encode_record(record: dict, fmt, tokenizer, max_length: int) -> tuple[list[int], list[bool]] | None:
     """(ids, trained) of a record in chat format `fmt`, cut to max_length + 1 ids; None when nothing
     trained fits."""
-    ids, trained = encode_messages(tokenizer, record_messages(record), fmt, add_generation_prompt=False)
-    ids, trained = ids[: max_length + 1], trained[: max_length + 1]
-    # targets are ids[1:]: a trained target exists when some position past the first is trained
-    if not any(trained[1:]):
-        return None
-    return ids, trained
+    examples, _, _ = encode_records([record], fmt, tokenizer, max_length)
+    return examples[0] if examples else None
+
+
+def encode_records(records: list[dict], fmt, tokenizer, max_length: int) -> tuple[list, int, int]:
+    """(examples, cut, dropped): the records encoded, each cut to max_length + 1 ids (targets are ids[1:]);
+    how many of those kept were cut, and how many were left out because no trained token fits."""
+    examples, cut, dropped = [], 0, 0
+    for r in records:
+        ids, trained = encode_messages(tokenizer, record_messages(r), fmt, add_generation_prompt=False)
+        longer = len(ids) > max_length + 1
+        ids, trained = ids[: max_length + 1], trained[: max_length + 1]
+        if not any(trained[1:]):
+            dropped += 1
+            continue
+        cut += longer
+        examples.append((ids, trained))
+    return examples, cut, dropped
 
 
 class SFTLoader:
@@ -107,6 +120,7 @@ def pad_examples(batch: list[tuple[list[int], list[bool]]], pad_id: int,
 
 class SFTTask(FinetuneTask):
     name = "sft"
+    command = "finetune sft"
     cfg: SFTConfig
 
     def inputs(self) -> list[str]:
@@ -144,9 +158,17 @@ class SFTTask(FinetuneTask):
     def train_loader(self):
         cfg, ctx = self.cfg, self.ctx
         dist = ctx.dist
-        encode = lambda rs: [e for r in rs if (e := encode_record(r, self.format, self.tokenizer,
-                                                                  ctx.seq_len)) is not None]
-        train_examples, val_examples = encode(self.records[0]), encode(self.records[1])
+        train_examples, cut, dropped = encode_records(self.records[0], self.format, self.tokenizer, ctx.seq_len)
+        val_examples, val_cut, val_dropped = encode_records(self.records[1], self.format, self.tokenizer, ctx.seq_len)
+        if dist.is_main:
+            def counts(n, c, d, what):
+                shown = [f"{c:,} cut to the {ctx.seq_len + 1}-token window"] * bool(c) + \
+                        [f"{d:,} left out (no answer token fits)"] * bool(d)
+                return f"{n:,} {what}" + (f" ({', '.join(shown)})" if shown else "")
+            console("data: " + counts(len(train_examples) + dropped, cut, dropped, "training records") + ", "
+                    + counts(len(val_examples) + val_dropped, val_cut, val_dropped, "held out")
+                    + ("; raise --seq-len (up to the model's context) or shorten the records to keep them whole"
+                       if cut or dropped or val_cut or val_dropped else ""))
         train = SFTLoader(train_examples, cfg.batch_size, self.tokenizer.eot_id, seed=cfg.seed,
                           rank=dist.rank, world_size=dist.world_size, device=ctx.device)
         if val_examples:  # the same batches on every process (each evaluates its share)

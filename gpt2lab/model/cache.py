@@ -166,6 +166,14 @@ class KVCache:
         self._map(lambda t: torch.cat([t, t.new_zeros(t.size(0), t.size(1), extra, t.size(3))], dim=2))
         self.max_len = max_len
 
+    def reserve(self, rows: int, slots: int, max_rows: int) -> None:
+        """At least `rows` rows of `slots` slots. Both grow by doubling, never past `max_rows` or the model's
+        context: a grown cache is copied whole, so growing a little at a time would copy it over and over."""
+        if rows > self.batch_size:
+            self.add_rows(_doubled(self.batch_size, rows, max_rows) - self.batch_size)
+        if slots > self.max_len:
+            self.grow(_doubled(self.max_len, slots, self.config.block_size))
+
     def copy_row(self, src: int, dst: int, n: int) -> None:
         """The first n tokens of row src become row dst's tokens."""
         for bufs in self.layers:
@@ -203,6 +211,14 @@ class KVCache:
         view.layers = [None if bufs is None else tuple(t.narrow(0, start, stop - start) for t in bufs)
                        for bufs in self.layers]
         return view
+
+
+def _doubled(have: int, need: int, limit: int) -> int:
+    """Room for `need`: `have` doubled until it is enough, never past `limit` (copies stay linear in the total)."""
+    have = max(have, 1)
+    while have < need:
+        have *= 2
+    return min(have, limit)
 
 
 class StaticKVCache(KVCache):

@@ -9,9 +9,10 @@ are submitted from any thread; every choice becomes a *row*. Between two steps r
         decode: one token for every decoding row, through the model, sampled per row (its own
             temperature, top-k, top-p and random generator), turned into text (UTF-8 safe, stop strings
             cut) and handed to the job's sink
-        prefill: at most `prefill_chunk` prompt tokens of the prefilling rows, oldest first, through the
-            model into their rows of the cache; a prompt that is complete samples its first token(s) and
-            its row (copied n times for n choices) joins the decoding rows
+        prefill: at most `prefill_chunk` prompt tokens of the prefilling rows, oldest first (while rows decode,
+            about as many as take a decoding step's time), through the model into their rows of the cache; a
+            prompt that is complete samples its first token(s) and its row (copied n times for n choices) joins
+            the decoding rows
         remove finished rows
 
 The cache layout (gpt2lab.model.cache): two caches of up to `max_batch` rows, one for decoding rows and
@@ -22,9 +23,12 @@ else is in the batch (up to float rounding of batched matmuls, which never chang
 Nothing is rebuilt when rows join or leave: a joining prompt is prefilled into a row of its own, a
 finished prompt's row is copied once into the decoding cache, and a leaving row's place is taken by the
 last decoding row (one row's copy). A long prompt is spread over steps, `prefill_chunk` tokens at a time,
-so no running stream waits for more than one chunk. The caches grow in chunks of slots as rows write,
-never past the model's context. `max_batch=1` serves one choice at a time (the baseline of
-bench/serve.py).
+so no running stream waits for more than one chunk. The caches grow by doubling (rows as requests join,
+slots as rows write), never past max_batch rows or the model's context. `max_batch=1` serves one choice at
+a time (the baseline of bench/serve.py).
+
+Prompts that begin alike reuse the keys and values of their common beginning (prefix.py). Admission: past
+`max_queue` waiting requests a new one is refused at once (`Busy`, answered 429 with Retry-After).
 """
 
 from __future__ import annotations
@@ -56,7 +60,9 @@ from gpt2lab.serve.prefix import PrefixCache
 
 __all__ = ["Busy", "Event", "Failed", "Finish", "Job", "PromptLogprobs", "Scheduler", "Text", "TokenInfo"]
 
-GROW = 128  # cache slots added at a time as the rows write
+GROW = 128  # cache slots at first (then doubled as the rows write)
+FIRST_ROWS = 8  # cache rows at first (then doubled as rows join, up to max_batch)
+MIN_CHUNK = 32  # prompt tokens read in a step that also decodes, at the least
 PREFILL_CHUNK = 512  # prompt tokens prefilled per step, all prefilling rows together
 MAX_QUEUE = 64  # requests that may wait for a place in the batch; past them a request is refused at once
 PREFIX_CACHE_BYTES = 512 << 20  # keys and values of prompt beginnings kept for reuse
@@ -100,10 +106,12 @@ class Scheduler:
         self._waiting: deque[Job] = deque()
         self._rows: list[Row] = []  # decoding rows, row i in slot i of the decode cache
         self._prefills: list[_Prefill] = []  # prefilling jobs, entry i in slot i of the prefill cache
-        self._decode_cache = KVCache(self.config, max_batch, max_len=min(GROW, self.block), device=self.device)
-        self._prefill_cache = KVCache(self.config, max_batch, max_len=min(GROW, self.block), device=self.device)
+        rows = min(max_batch, FIRST_ROWS)  # the caches grow in rows and slots as they are needed (doubling)
+        self._decode_cache = KVCache(self.config, rows, max_len=min(GROW, self.block), device=self.device)
+        self._prefill_cache = KVCache(self.config, rows, max_len=min(GROW, self.block), device=self.device)
         self._closing = False
         self._thread: threading.Thread | None = None
+        self._decode_seconds = self._token_seconds = None  # running means: a decoding step, a prompt token
         self.counters = {"steps": 0, "tokens": 0, "jobs": 0, "cancelled": 0, "failed": 0, "max_rows": 0,
                          "prefill_tokens": 0, "prefix_tokens": 0, "rejected": 0}
 
@@ -184,17 +192,32 @@ class Scheduler:
     def _step(self) -> None:
         self._drop_cancelled()
         self._admit()
+        decoding = bool(self._rows)
         if self._rows:
+            t = time.perf_counter()
             try:
                 self._decode()
             except Exception as e:  # noqa: BLE001 - a failed step fails its rows, never the server
                 self._fail_rows(f"generation failed: {type(e).__name__}: {e}")
+            self._decode_seconds = _ema(self._decode_seconds, time.perf_counter() - t)
         if self._prefills:
+            t, before = time.perf_counter(), self.counters["prefill_tokens"]
             try:
-                self._prefill()
+                self._prefill(self._prefill_budget() if decoding else self.prefill_chunk)
             except Exception as e:  # noqa: BLE001 - a failed prefill fails its jobs; the running rows go on
                 self._fail_prefills(f"generation failed: {type(e).__name__}: {e}")
+            read = self.counters["prefill_tokens"] - before
+            if read >= 16:
+                self._token_seconds = _ema(self._token_seconds, (time.perf_counter() - t) / read)
         self._remove_finished()
+
+    def _prefill_budget(self) -> int:
+        """Prompt tokens to read in a step that also decodes: about as many as take the time of a decoding step,
+        so a running stream's tokens come at most about twice as far apart while prompts are read (at least
+        MIN_CHUNK, at most `prefill_chunk`)."""
+        if self._decode_seconds is None or self._token_seconds is None:
+            return self.prefill_chunk
+        return max(MIN_CHUNK, min(self.prefill_chunk, int(self._decode_seconds / self._token_seconds)))
 
     def _emit(self, job: Job, event: Event) -> None:
         try:
@@ -256,22 +279,23 @@ class Scheduler:
             if self.prefix is not None and not job.prompt_logprobs:  # the prompt's cached beginning
                 m, layers = self.prefix.match(job.prompt)
                 if m:
-                    _grow(self._prefill_cache, m, self.block)
+                    self._prefill_cache.reserve(len(self._prefills) + 1, m, self.max_batch)
                     self._prefill_cache.write_row(len(self._prefills), layers)
                     p.fed = m
                     self.counters["prefix_tokens"] += m
             self._prefills.append(p)
+            self._prefill_cache.reserve(len(self._prefills), 1, self.max_batch)  # a row of the prefill cache for each
             rows += job.n
             self.counters["jobs"] += 1
 
     def _keep_prefills(self, keep: list[int]) -> None:
         self._prefills = [self._prefills[i] for i in keep]
-        self._prefill_cache.select_rows(keep + [i for i in range(self.max_batch) if i not in keep])
+        self._prefill_cache.select_rows(keep + [i for i in range(self._prefill_cache.batch_size) if i not in keep])
 
-    def _prefill(self) -> None:
-        """Up to `prefill_chunk` prompt tokens of the oldest prefilling jobs, in one forward (right-padded: no
-        row's padding may pass the context, so a row that would push it past waits for the next step)."""
-        budget, take, T = self.prefill_chunk, [], 0
+    def _prefill(self, budget: int) -> None:
+        """Up to `budget` prompt tokens of the oldest prefilling jobs, in one forward (right-padded: no row's
+        padding may pass the context, so a row that would push it past waits for the next step)."""
+        take, T = [], 0
         for p in self._prefills:
             n = min(budget, len(p.job.prompt) - p.fed)
             width = max(T, n)
@@ -281,7 +305,7 @@ class Scheduler:
             T, budget = width, budget - n
         r = len(take)
         group = self._prefills[:r]
-        _grow(self._prefill_cache, max(q.fed for q in group) + T, self.block)
+        self._prefill_cache.reserve(r, max(q.fed for q in group) + T, self.max_batch)
         pad = self.eot if self.eot is not None else 0
         ids = torch.full((r, T), pad, dtype=torch.long)
         for b, (p, n) in enumerate(zip(group, take)):
@@ -315,11 +339,11 @@ class Scheduler:
                 self._emit(job, Finish(i, "length", 0))
             return
         n_prompt = len(job.prompt)
-        _grow(self._decode_cache, n_prompt + 1, self.block)
+        self._decode_cache.reserve(len(self._rows) + job.n, n_prompt + 1, self.max_batch)
         new = []
         for i in range(job.n):
             dst = len(self._rows)
-            _copy_row(self._prefill_cache, slot, self._decode_cache, dst, n_prompt)
+            self._decode_cache.write_row(dst, self._prefill_cache.read_row(slot, n_prompt))
             row = Row(job, i, self.tokenizer, self.device)
             self._rows.append(row)
             new.append(row)
@@ -331,7 +355,7 @@ class Scheduler:
     def _decode(self) -> None:
         rows = self._rows
         view = self._decode_cache.rows(0, len(rows))
-        _grow(self._decode_cache, max(view.lengths) + 1, self.block)
+        self._decode_cache.reserve(len(rows), max(view.lengths) + 1, self.max_batch)
         view = self._decode_cache.rows(0, len(rows))
         ids = torch.tensor([[r.pending] for r in rows], dtype=torch.long, device=self.device)
         logits = self.model(ids, kv_cache=view, last_only=True)[:, -1]
@@ -347,7 +371,7 @@ class Scheduler:
         holes = [i for i in range(len(live)) if rows[i].done]
         movers = [i for i in live if i >= len(live)]
         for h, m in zip(holes, movers):
-            _copy_row(self._decode_cache, m, self._decode_cache, h, self._decode_cache.lengths[m])
+            self._decode_cache.copy_row(m, h, self._decode_cache.lengths[m])
             rows[h] = rows[m]
         self._rows = rows[:len(live)]
         lengths = list(self._decode_cache.lengths)
@@ -370,15 +394,5 @@ class Scheduler:
                 self._emit(rows[b].job, event)
 
 
-def _grow(cache: KVCache, need: int, block: int) -> None:
-    """Room for `need` slots per row, in chunks of GROW, never past the context."""
-    if need > cache.max_len:
-        cache.grow(min(block, max(need, cache.max_len + GROW)))
-
-
-def _copy_row(src: KVCache, i: int, dst: KVCache, j: int, n: int) -> None:
-    """The first n tokens of row i of `src` become row j of `dst`."""
-    if src is dst:
-        src.copy_row(i, j, n)
-    else:
-        dst.write_row(j, src.read_row(i, n))
+def _ema(mean: float | None, x: float, weight: float = 0.2) -> float:
+    return x if mean is None else (1 - weight) * mean + weight * x

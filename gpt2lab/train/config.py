@@ -20,6 +20,7 @@ torch, so that `gpt2lab pretrain --help` is instant.
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import typing
@@ -74,6 +75,8 @@ BETA = finite_range(0, 1, hi_open=True)
 
 @dataclass
 class LoopConfig:
+    DEFAULT_EPOCHS = None  # a task whose length is passes over its data: the passes when neither is given
+
     out: str = opt("", "the run directory to write (config, weights, metrics, checkpoints)", resumable=True)
     max_steps: int = opt(1000, "optimizer steps to train for; on --resume a larger value extends the run (the "
                          "schedule is recomputed for the new length from the resumed step on)",
@@ -122,8 +125,8 @@ class LoopConfig:
                             resumable=True)
     seed: int = opt(1337, "random seed (weights, data order, dropout, samples)", check=SEED)
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps", resumable=True)
-    dtype: str = opt("auto", "auto (bf16 on CUDA, fp32 elsewhere), fp32, bf16 or fp16", choices=DTYPE_NAMES,
-                     resumable=True)
+    dtype: str = opt("auto", "auto (bf16 on CUDA and on CPUs with native bf16: AMX or AVX512-BF16; fp32 "
+                     "elsewhere), fp32, bf16 or fp16", choices=DTYPE_NAMES, resumable=True)
     compile: bool = opt(False, "compile the model with torch.compile", resumable=True)
     strategy: str = opt("ddp", "how several processes (torchrun) share the work: ddp (each holds the whole model) "
                         "or fsdp (weights, gradients and optimizer state sharded; FSDP2)", choices=("ddp", "fsdp"))
@@ -261,7 +264,9 @@ def coerce_settings(raw: dict, cls=None, source: str = "config") -> dict:
     for key, value in raw.items():
         name = str(key).replace("-", "_")
         if name not in types:
-            raise UserError(f"{source}: unknown setting {key!r}; known settings: {', '.join(sorted(types))}")
+            close = difflib.get_close_matches(name, list(types), n=1, cutoff=0.7)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise UserError(f"{source}: unknown setting {key!r}; {hint}known settings: {', '.join(sorted(types))}")
         optional = type(None) in typing.get_args(hints[name])
         out[name] = _coerce(name, value, types[name], source, optional)
     return out

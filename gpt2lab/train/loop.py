@@ -28,7 +28,7 @@ import torch
 
 from gpt2lab.checkpoint import open_run
 from gpt2lab.device import autocast, peak_flops, resolve_dtype
-from gpt2lab.errors import UserError
+from gpt2lab.errors import Interrupted, UserError
 from gpt2lab.metrics import MetricsLogger, console, format_seconds
 from gpt2lab.model.options import collect_moe
 from gpt2lab.train import distributed, resume, rundir
@@ -126,7 +126,8 @@ class Trainer:
         self.train_loader = task.train_loader()
         per_epoch = max(1, math.ceil(self.train_loader.steps_per_epoch / self.grad_accum))
         self.steps_per_epoch = per_epoch
-        self.max_steps = max(1, math.ceil(cfg.epochs * per_epoch)) if cfg.epochs is not None else cfg.max_steps
+        epochs = cfg.epochs if cfg.epochs is not None or cfg.max_steps is not None else cfg.DEFAULT_EPOCHS
+        self.max_steps = max(1, math.ceil(epochs * per_epoch)) if epochs is not None else cfg.max_steps
         self.eval_every = cfg.eval_every or per_epoch
         self.checkpoint_every = cfg.checkpoint_every or self.eval_every
 
@@ -182,6 +183,19 @@ class Trainer:
         if self.dist.is_main:
             console(f"time budget {self.cfg.time_budget:g} s: {self.max_steps} steps at {per_step:.3f} s a step")
 
+    def warmup_steps(self) -> int:
+        """--warmup-steps, or a tenth of a run that is shorter than it (said once): a run that ends inside its
+        warmup would never reach its learning rate."""
+        warmup = self.cfg.warmup_steps
+        if warmup < self.max_steps:
+            return warmup
+        clamped = self.max_steps // 10
+        if self.dist.is_main and getattr(self, "_warned_warmup", None) != self.max_steps:
+            self._warned_warmup = self.max_steps
+            console(f"note: --warmup-steps {warmup} is not shorter than the run ({self.max_steps} steps); warming up "
+                    f"for {clamped} steps instead")
+        return clamped
+
     # ------------------------------------------------------------------ the step
 
     @torch.no_grad()
@@ -213,7 +227,7 @@ class Trainer:
 
     def train_step(self) -> tuple[float, float, float, dict]:
         cfg = self.cfg
-        lr = lr_at(self.step, lr=cfg.lr, min_lr=self.min_lr, warmup_steps=cfg.warmup_steps,
+        lr = lr_at(self.step, lr=cfg.lr, min_lr=self.min_lr, warmup_steps=self.warmup_steps(),
                    max_steps=self.max_steps, schedule=cfg.lr_schedule)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
@@ -257,7 +271,7 @@ class Trainer:
     def run(self) -> TrainResult:
         try:
             return self._run()
-        except UserError:
+        except (UserError, Interrupted):
             # bad input met during training (a reward that cannot score an answer, a corrupt shard) before the
             # first checkpoint: a run dir this process made holds nothing worth keeping
             if self.dist.is_main and self.claim.created and not list_checkpoints(self.out):
@@ -314,8 +328,22 @@ class Trainer:
                     f"{self.dist.world_size} processes, {self.max_steps} steps")
         self.model.train()
         self._t_start = time.time()
+        stop = resume.CtrlC(enabled=self.dist.world_size == 1)
+        with stop:
+            self._steps(result, stop)
+        if result.val_losses:
+            result.final_val_loss = result.val_losses[-1]
+        elif not result.evals:
+            result.final_val_loss = self.evaluate().get("val_loss")
+        self._save_final(result)
+        return result
+
+    def _steps(self, result: TrainResult, stop: resume.CtrlC) -> None:
+        cfg, main = self.cfg, self.dist.is_main
         session_steps, t_window, tokens_window, paused = 0, time.time(), 0, 0.0
         while self.step < self.max_steps:
+            if stop.asked:  # Ctrl-C: a checkpoint of the last whole step, then the way back
+                stop.finish(self, saved=session_steps == 0 or self.step % self.checkpoint_every == 0)
             loss, norm, lr, extra = self.train_step()
             session_steps += 1
             tokens_window += self.total_batch_tokens
@@ -341,13 +369,6 @@ class Trainer:
             if self.step % self.checkpoint_every == 0 or last:
                 resume.save(self)
             paused += time.time() - t_pause
-
-        if result.val_losses:
-            result.final_val_loss = result.val_losses[-1]
-        elif not result.evals:
-            result.final_val_loss = self.evaluate().get("val_loss")
-        self._save_final(result)
-        return result
 
     def _save_final(self, result: TrainResult) -> None:
         final_model = self.model

@@ -23,11 +23,13 @@ These are estimates (allocator slack, CUDA context and kernels' workspaces come 
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 import torch.nn as nn
 
 from gpt2lab.data.shards import read_meta
+from gpt2lab.metrics import human_duration
 from gpt2lab.model.config import GPTConfig
 from gpt2lab.model.gpt import GPT, CausalSelfAttention
 from gpt2lab.model.options import LatentAttention, MoE
@@ -71,6 +73,28 @@ def _fmt(n: float) -> str:
     return f"{n / GIB:,.2f} GiB"
 
 
+H100_BF16 = 989e12  # FLOP/s, dense; a plan for a GPU assumes this one at 40% utilisation
+
+
+def _time_estimate(total_flops: float, world: int, on_gpu: bool, half: bool) -> str:
+    """A rough duration: on a GPU at 40% of an H100's bf16 peak per process; on this CPU at half of the speed
+    of a matrix product measured here (a fifth of a second)."""
+    if on_gpu:
+        seconds = total_flops / (world * 0.4 * H100_BF16)
+        return f"about {human_duration(seconds)} on {world} H100-class GPU(s) at 40% utilisation (rough)"
+    dtype = torch.bfloat16 if half else torch.float32
+    a, b = torch.randn(512, 512, dtype=dtype), torch.randn(512, 512, dtype=dtype)
+    a @ b
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < 0.2:
+        a @ b
+        done += 1
+    speed = 2 * 512 ** 3 * done / (time.perf_counter() - start)
+    seconds = total_flops / (world * 0.5 * speed)
+    return (f"about {human_duration(seconds)} on this CPU ({speed / 1e9:.0f} GFLOP/s measured in a "
+            f"{'bf16' if half else 'fp32'} matrix product, half of it assumed; rough)")
+
+
 def plan(cfg: TrainConfig, processes: int | None = None, gpu_memory: float | None = None) -> str:
     """The plan of a pretraining run as text; `gpu_memory` (GiB) adds what to change when it will not fit."""
     world = processes or int(os.environ.get("WORLD_SIZE", "1"))
@@ -90,7 +114,8 @@ def plan(cfg: TrainConfig, processes: int | None = None, gpu_memory: float | Non
                 f"{cfg.batch_size} x {T} x {world} = {micro}")
     accum = total // micro
     flops = flops_per_token(model, T) * total
-    half = cfg.dtype in ("bf16", "fp16") or (cfg.dtype == "auto" and cfg.device.startswith("cuda"))
+    on_gpu = gpu_memory is not None or cfg.device.startswith("cuda")  # the plan is for a GPU
+    half = cfg.dtype in ("bf16", "fp16") or (cfg.dtype == "auto" and on_gpu)
     act_bytes = 2 if half else 4
     btc = cfg.batch_size * T * mc.n_embd
     per_block = 34 * btc * act_bytes
@@ -115,6 +140,7 @@ def plan(cfg: TrainConfig, processes: int | None = None, gpu_memory: float | Non
         f"process{'es' * (world != 1)}",
         f"compute     {flops:.3g} FLOPs per step ({flops_per_token(model, T):,} per token), "
         f"{cfg.max_steps:,} steps: {flops * cfg.max_steps:.3g} FLOPs",
+        f"time        {_time_estimate(flops * cfg.max_steps, world, on_gpu, half)}",
         f"memory per process (estimate; {'bf16' if half else 'fp32'} activations"
         f"{', activation checkpointing' if cfg.activation_checkpointing else ''}):",
         f"  {'':<12} {'ddp':>12} {'fsdp':>12}",

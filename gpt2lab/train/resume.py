@@ -5,18 +5,24 @@ gradient scaler, every process's random state, the data position, the task's sta
 spent so far and (with --time-budget) the run's fitted length. A run that is killed and resumed thus ends
 with the same bits as one that was not. Under FSDP every process writes its shards of the weights and
 the optimizer state (torch.distributed.checkpoint); otherwise rank 0 writes the whole.
+
+Ctrl-C (`CtrlC`) is a way to stop, not a crash: the loop finishes the step it is in, saves it, and says the
+command that goes on from there.
 """
 
 from __future__ import annotations
 
 import random
 import shutil
+import signal
+import threading
 from pathlib import Path
 
 import torch
 
 from gpt2lab.checkpoint import WEIGHTS_FILE
-from gpt2lab.errors import UserError
+from gpt2lab.errors import Interrupted, UserError
+from gpt2lab.metrics import console
 from gpt2lab.train import checkpoints, distributed
 from gpt2lab.weights import load_weights
 
@@ -104,3 +110,35 @@ def restore(trainer, path: Path) -> None:
             raise
         raise UserError(f"{path} is not a usable checkpoint ({e}); delete it to resume from an earlier one") \
             from None
+
+
+class CtrlC:
+    """While training: the first Ctrl-C asks the loop to stop after the step it is in (and save it); a second
+    one stops at once. Only in a single process (torchrun delivers Ctrl-C to every rank) and the main thread."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.asked = False
+
+    def __enter__(self):
+        if self.enabled:
+            self.previous = signal.signal(signal.SIGINT, self._ask)
+        return self
+
+    def _ask(self, signum, frame):
+        self.asked = True
+        console("\nCtrl-C: stopping after this step and saving it (Ctrl-C again stops at once, losing the step)")
+        signal.signal(signal.SIGINT, self.previous)
+
+    def finish(self, trainer, saved: bool) -> None:
+        """Save the last whole step (unless its checkpoint is there) and say how to go on."""
+        if not saved:
+            save(trainer)
+        if not checkpoints.list_checkpoints(trainer.out):
+            raise Interrupted("stopped by Ctrl-C before the first step; nothing was trained, run the command again")
+        raise Interrupted(f"stopped by Ctrl-C after step {trainer.step}/{trainer.max_steps}, saved in {trainer.out}; "
+                          f"go on with `gpt2lab {trainer.task.command} --out {trainer.out} --resume`")
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            signal.signal(signal.SIGINT, self.previous)

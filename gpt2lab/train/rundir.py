@@ -27,8 +27,12 @@ def resolve_settings(cfg: LoopConfig, given: dict | None) -> LoopConfig:
     """The settings a run goes with: `cfg` itself, or on --resume of a run in cfg.out its stored settings
     with the `given` ones that may change (a given setting that may not is refused, naming it)."""
     out = Path(cfg.out) if cfg.out else None
-    if not cfg.resume or out is None or not (out / ckpt.CONFIG_FILE).is_file():
+    if not cfg.resume or out is None:
         return cfg
+    if not (out / ckpt.CONFIG_FILE).is_file():
+        why = "does not exist" if not out.exists() else f"has no {ckpt.CONFIG_FILE} (no run was started there)"
+        raise UserError(f"--resume: {out} {why}, so there is no run to resume; check --out, or start a new run "
+                        "there without --resume")
     stored = ckpt.open_run(out, "--out").config
     given = explicit_settings(cfg) if given is None else given
     train = dict(stored.get("train") or {})

@@ -99,6 +99,7 @@ class Task:
     (rank 0)."""
 
     name = "task"
+    command = "pretrain"  # the gpt2lab command that runs it (resuming says it)
     kind = "lm"  # the kind of run dir it writes
     tokenizer = None
     data_identity: dict | None = None
