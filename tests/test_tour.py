@@ -59,8 +59,8 @@ def serve(argv: list[str], cwd: Path) -> None:
     port = free_port()
     argv = [a if prev != "--port" else str(port) for prev, a in zip([""] + argv, argv)]
     # the installed command: `python -m gpt2lab` would import the tour's gpt2lab/assets folder as the package
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("gpt2lab")), *argv[1:]], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    command = str(Path(sys.executable).with_name("gpt2lab"))
+    proc = subprocess.Popen([command, *argv[1:]], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
         while True:
