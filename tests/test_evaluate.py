@@ -189,9 +189,11 @@ def test_cli_task_names_match_library(cli_runs):
     from gpt2lab.cli.evaluate import CHECKABLE, TASK_NAMES
     from gpt2lab.evals.checkable import BUILTIN
 
-    # the judge is a task of the CLI (gpt2lab.evals.judge), given to evaluate_run as an extra task; the
-    # checkable tasks are gpt2lab.evals.checkable' built-ins, scored by pass@k
-    assert TASK_NAMES == ev.TASKS + ("judge",) + CHECKABLE
+    # the judge and exact match are tasks of the CLI (gpt2lab.evals.judge), given to evaluate_run as extra
+    # tasks; the checkable tasks are gpt2lab.evals.checkable's built-ins, scored by pass@k
+    from gpt2lab.evals.judge import eval_exact, exact_task  # noqa: F401  (the module that owns `exact`)
+
+    assert TASK_NAMES == ev.TASKS + ("judge", "exact") + CHECKABLE
     assert set(CHECKABLE) == set(BUILTIN)
 
 

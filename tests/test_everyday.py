@@ -156,6 +156,29 @@ def test_a_warmup_longer_than_the_run_is_clamped_with_a_note(tiny_data, tmp_path
     assert "--warmup-steps 100 is not shorter than the run (5 steps); warming up for 0 steps" in out
 
 
+def test_a_slow_first_step_does_not_shorten_a_time_budget(tiny_data, tmp_path, capsys, monkeypatch):
+    """The first step holds torch.compile's compilation: timed with the others it would make the run stop far
+    short of its budget."""
+    import time
+
+    from gpt2lab.train.loop import Trainer
+
+    step, calls = Trainer.train_step, []
+
+    def slow_first(self):
+        calls.append(1)
+        time.sleep(2.0 if len(calls) == 1 else 0.05)
+        return step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", slow_first)
+    settings = {**TINY, "max_steps": 1000, "time_budget": 4, "eval_every": 1000, "checkpoint_every": 1000}
+    code, out, err = run(pretrain_argv(tiny_data, tmp_path / "r", settings), capsys)
+    assert code == 0, err
+    fitted = int(re.search(r"time budget 4 s: (\d+) steps", out).group(1))
+    # about (4 - 2) s left at about 0.05 s a step (plus the step itself): timing the first step would give < 12
+    assert 20 <= fitted <= len(calls) + 1 and len(calls) == fitted, out
+
+
 def test_the_cpu_is_told_what_the_default_model_costs(tiny_data, capsys):
     from gpt2lab.cli.train import _cpu_note
     from gpt2lab.train.config import TrainConfig

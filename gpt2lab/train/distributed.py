@@ -88,8 +88,12 @@ def ensure_process_group(info: DistInfo) -> None:
                             init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
-def teardown(info: DistInfo) -> None:
+def teardown(info: DistInfo, finished: bool = False) -> None:
+    """Destroy the process group. After a run that finished on every rank, wait for all of them first: a
+    rank that leaves while another's gloo threads still talk to it can abort that one at exit."""
     if dist.is_initialized():
+        if finished and info.enabled:
+            dist.barrier()
         dist.destroy_process_group()
 
 

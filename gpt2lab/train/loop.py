@@ -42,7 +42,8 @@ from gpt2lab.train.task import Context, NonFiniteLoss, Task, TrainResult
 class Trainer:
     """Trains `task_class(settings)` into the run dir cfg.out: `Trainer(cfg, LMTask, dist).run()`."""
 
-    BUDGET_PROBE = 5  # steps timed to fit the schedule to --time-budget
+    BUDGET_PROBE = 6  # steps run before the schedule is fitted to --time-budget (the first, which compiles and
+    # warms up, is not timed)
 
     def __init__(self, cfg: LoopConfig, task_class, dist: distributed.DistInfo, given: dict | None = None):
         self.dist = dist
@@ -173,8 +174,9 @@ class Trainer:
 
     def _fit_to_time_budget(self, steps: int) -> None:
         """With --time-budget: the run's length in steps, from the time the first steps took, so that the
-        warmup and decay end when the budget does (every rank agrees on rank 0's estimate)."""
-        per_step = self._session_time() / steps
+        warmup and decay end when the budget does (every rank agrees on rank 0's estimate). The first step
+        is left out of the time per step: it holds torch.compile's compilation and the first allocations."""
+        per_step = (time.time() - self._t_first_step) / (steps - 1)
         left = self.cfg.time_budget - self.elapsed()
         estimate = torch.tensor([self.step + max(0, int(left / max(per_step, 1e-9)))], dtype=torch.long)
         if self.dist.enabled:
@@ -346,6 +348,8 @@ class Trainer:
                 stop.finish(self, saved=session_steps == 0 or self.step % self.checkpoint_every == 0)
             loss, norm, lr, extra = self.train_step()
             session_steps += 1
+            if session_steps == 1:
+                self._t_first_step = time.time()
             tokens_window += self.total_batch_tokens
             result.steps.append(self.step)
             result.losses.append(loss)
@@ -390,7 +394,10 @@ class Trainer:
 def train_task(cfg: LoopConfig, task_class: type[Task], given: dict | None = None) -> TrainResult:
     """Set up the process group (under torchrun), train `task_class(settings)`, tear down."""
     info = distributed.setup(cfg.device)
+    finished = False
     try:
-        return Trainer(cfg, task_class, info, given).run()
+        result = Trainer(cfg, task_class, info, given).run()
+        finished = True
+        return result
     finally:
-        distributed.teardown(info)
+        distributed.teardown(info, finished)
