@@ -14,7 +14,7 @@ them: ctranslate2, llama-cpp-python). llama.cpp's Python API decodes one sequenc
 batch-1 rows only.
 
     python bench/generate.py                                   # gpt2, batch 1 and 8, threads 1 and 2
-    python bench/generate.py --batch-sizes 1 --threads 2 --new-tokens 100 --only gpt2lab-int8 ct2-int8
+    python bench/generate.py --batch-sizes 1 --threads 2 --new-tokens 100 --only 'gpt2lab int8' 'ctranslate2 int8'
     python bench/generate.py --json bench/generate.json
 """
 

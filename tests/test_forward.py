@@ -1,7 +1,7 @@
 """One forward pass: every way gpt2lab runs a model computes the same numbers.
 
 For every model configuration the project supports, the training forward (the whole sequence at
-once) equals a prefill followed by token-by-token decoding through the KV cache, a left-padded
+once) equals a prefill followed by token-by-token decoding through the KV cache, a right-padded
 batch row, packed multiple-choice scoring (evaluation) and the classifier's features. A new
 architecture option adds its configuration to CONFIGS.
 """

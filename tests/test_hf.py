@@ -510,7 +510,7 @@ LLAMA = dict(pos_embedding="rope", norm="rmsnorm", mlp="swiglu", bias=False)
     (dict(n_kv_head=2, rope_scaling="yarn", rope_factor=4.0, rope_original_context=16), "LlamaForCausalLM"),
     (dict(mlp="relu2", bias=True), "LlamaForCausalLM"),
     (dict(qk_norm=True, n_kv_head=2, tie_embeddings=False), "Qwen3ForCausalLM"),
-    (dict(qk_norm=True, mlp="relu2", tie_embeddings=False), "Qwen3ForCausalLM"),  # what `make demo` trains
+    (dict(qk_norm=True, mlp="relu2", tie_embeddings=False), "Qwen3ForCausalLM"),
 ], ids=["gqa-untied", "mqa-tied-bias", "yarn", "relu2", "qwen3", "qknorm-relu2"])
 def test_a_llama_shaped_model_exports_as_llama_or_qwen3(tfm, tmp_path, trained_tok, kw, arch):
     torch.manual_seed(0)

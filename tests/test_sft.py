@@ -743,3 +743,29 @@ def test_instructions_cli_builds_something_and_replaces_only_with_overwrite(tmp_
     code, err = _instructions(capsys, "--out", str(mine), "--synthetic", "8", "--overwrite")
     assert code == 2 and "did not write" in err
     assert _tree(mine) == {"train.jsonl": b"my own records\n"}
+
+
+def test_a_full_fine_tune_takes_its_rates_from_a_base_pretrained_here(base_run, full_run, sft_data, tmp_path):
+    import dataclasses
+    import shutil
+
+    from gpt2lab.finetune.sft import rates_from_base
+
+    cfg = SFTConfig(init=str(base_run), data=str(sft_data[0]), out=str(tmp_path / "x"))
+    got = rates_from_base(cfg)  # the base: AdamW at 1e-2 (base_run)
+    assert (got.optimizer, got.lr, got.muon_lr) == ("adamw", pytest.approx(1e-2 / 3), 0.02)
+    assert rates_from_base(dataclasses.replace(cfg, lr=2e-4)).lr == 2e-4  # a rate given wins
+    assert rates_from_base(cfg, given={"lr": 1e-4}).lr == 1e-4  # ... also at the default's value, from the CLI
+    assert rates_from_base(dataclasses.replace(cfg, lora_rank=4)).lr == 1e-4  # LoRA keeps its own
+    sft_base = dataclasses.replace(cfg, init=str(full_run[0]))  # not a pretraining run: the defaults stay
+    assert rates_from_base(sft_base) == sft_base
+
+    muon_base = tmp_path / "muon-base"
+    shutil.copytree(base_run, muon_base, ignore=shutil.ignore_patterns("checkpoints", "tensorboard"))
+    config = json.loads((muon_base / "config.json").read_text())
+    config["train"].update(optimizer="muon", lr=3e-3, muon_lr=0.03)
+    (muon_base / "config.json").write_text(json.dumps(config))
+    got = rates_from_base(dataclasses.replace(cfg, init=str(muon_base)), given={"optimizer": "adamw"})
+    assert (got.optimizer, got.lr, got.muon_lr) == ("adamw", pytest.approx(1e-3), 0.03)
+    got = rates_from_base(dataclasses.replace(cfg, init=str(muon_base)))
+    assert (got.optimizer, got.lr, got.muon_lr) == ("muon", pytest.approx(1e-3), 0.03)

@@ -21,6 +21,7 @@ and `output`; or chat JSONL, `{"messages": [{"role": "user"|"assistant"|"system"
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -37,6 +38,7 @@ from gpt2lab.model.config import GPTConfig
 from gpt2lab.model.gpt import GPT
 from gpt2lab.model.lora import apply_lora
 from gpt2lab.templates import encode_messages, record_messages
+from gpt2lab.train.config import OPTIMIZERS, explicit_settings
 from gpt2lab.train.loop import train_task
 from gpt2lab.train.task import IGNORE_INDEX, held_out_mean, lm_loss
 from gpt2lab.weights import save_lora, save_weights
@@ -208,5 +210,39 @@ class SFTTask(FinetuneTask):
             save_weights(model, out / ckpt.WEIGHTS_FILE)
 
 
+def rates_from_base(cfg: SFTConfig, given: dict | None = None) -> SFTConfig:
+    """The optimizer and learning rates of a full fine-tune, when not given, from the base's pretraining.
+
+    The defaults (AdamW at 1e-4) are right for OpenAI's 124M GPT-2, whose import carries no training
+    settings, and stay for it. A run pretrained here fine-tunes with its own optimizer, its Muon rate and a
+    third of its AdamW rate: a 5M-parameter model pretrained at 3e-3 with Muon does not learn a new
+    instruction at 1e-4 (README "Fine-tuning" has the measurement). LoRA and --resume keep their own."""
+    given = explicit_settings(cfg) if given is None else given
+    if cfg.resume or cfg.lora_rank or not cfg.init or not Path(cfg.init, ckpt.CONFIG_FILE).is_file():
+        return cfg
+    try:
+        base = ckpt.read_run_config(cfg.init)
+    except UserError:
+        return cfg  # the task reports the bad --init with its fix
+    train = base.get("train") if isinstance(base.get("train"), dict) else {}
+    if base.get("task") != "pretrain" or not isinstance(train.get("lr"), (int, float)):
+        return cfg
+    changes = {}
+    if "optimizer" not in given and train.get("optimizer") in OPTIMIZERS:
+        changes["optimizer"] = train["optimizer"]
+    if "lr" not in given:
+        changes["lr"] = float(train["lr"]) / 3
+    if "muon_lr" not in given and isinstance(train.get("muon_lr"), (int, float)):
+        changes["muon_lr"] = float(train["muon_lr"])
+    changes = {k: v for k, v in changes.items() if getattr(cfg, k) != v}
+    if not changes:
+        return cfg
+    console("from the base run's pretraining: " + ", ".join(f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float)
+                                                            else f"--{k.replace('_', '-')} {v}"
+                                                            for k, v in changes.items())
+            + " (flags given win)")
+    return replace(cfg, **changes)
+
+
 def finetune_sft(cfg: SFTConfig, given: dict | None = None):
-    return train_task(cfg, SFTTask, given)
+    return train_task(rates_from_base(cfg, given), SFTTask, given)
