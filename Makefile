@@ -8,7 +8,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO   ?= demo
 CORPUS := gpt2lab/assets/shakespeare.txt.gz
-DEMO_STEPS ?= 1400
+DEMO_STEPS ?= 1600
 RL ?= demo-rl
 RL_TASK := --task countdown --difficulty 2
 
@@ -73,7 +73,7 @@ rl-demo: $(BIN)/.installed-demo
 	$(BIN)/gpt2lab pretrain --data $(RL)/text --out $(RL)/base --config configs/rl-demo.toml
 	$(BIN)/gpt2lab finetune sft --init $(RL)/base --data $(RL)/data/train.jsonl --val-data $(RL)/data/heldout.jsonl \
 		--out $(RL)/sft --max-steps 50 --batch-size 32 --lr 1e-3 --warmup-steps 5 --eval-every 50 --log-every 25 \
-		--device cpu --no-tensorboard
+		--no-freeze-embeddings --device cpu --no-tensorboard
 	$(BIN)/gpt2lab eval $(RL)/sft $(RL_TASK) --max-new-tokens 40 --samples 8 --k 8 --quiet --output $(RL)/sft_eval.json
 	$(BIN)/gpt2lab finetune rl --init $(RL)/sft $(RL_TASK) --out $(RL)/rl --max-steps 800 --batch-size 16 \
 		--group-size 8 --max-new-tokens 40 --lr 1e-4 --eval-every 100 --eval-prompts 200 --log-every 20 --device cpu

@@ -219,7 +219,7 @@ def test_demo_is_the_modern_recipe_and_classic_is_gpt2_at_the_same_budget():
     modern = GPTConfig.from_preset(demo.model, **model_overrides(demo))
     gpt2 = GPTConfig.from_preset(classic.model, **model_overrides(classic))
     assert (modern.pos_embedding, modern.norm, modern.qk_norm, modern.mlp, modern.tie_embeddings, modern.bias) == (
-        "rope", "rmsnorm", True, "swiglu", False, False)
+        "rope", "rmsnorm", True, "swiglu", True, False)
     assert demo.optimizer == "muon" and classic.optimizer == "adamw"
     assert gpt2 == GPTConfig.from_preset("micro", block_size=gpt2.block_size)  # GPT-2's architecture throughout
     budget = ("model", "block_size", "batch_size", "seq_len", "max_steps", "lr", "min_lr", "warmup_steps", "seed")

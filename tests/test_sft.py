@@ -42,7 +42,7 @@ from gpt2lab.train.task import IGNORE_INDEX
 BLOCK = 256
 SFT = dict(batch_size=8, max_steps=40, lr=4e-3, warmup_steps=2, eval_every=1000, eval_batches=4,
            log_every=1000, checkpoint_every=1000, keep_checkpoints=1, tensorboard=False, device="cpu",
-           dtype="fp32")
+           dtype="fp32", freeze_embeddings=False)  # every weight trains (frozen embeddings: their own test)
 # the record the overfitting tests memorise: no input, so `chat -p INSTRUCTION` renders the same prompt
 SOLO = {"instruction": "Say the first line of the song.", "output": "the wind moved the old door",
         "task": "solo"}
@@ -745,27 +745,40 @@ def test_instructions_cli_builds_something_and_replaces_only_with_overwrite(tmp_
     assert _tree(mine) == {"train.jsonl": b"my own records\n"}
 
 
-def test_a_full_fine_tune_takes_its_rates_from_a_base_pretrained_here(base_run, full_run, sft_data, tmp_path):
+def test_a_full_fine_tune_takes_its_settings_from_a_base_pretrained_here(base_run, full_run, sft_data, tmp_path):
     import dataclasses
     import shutil
 
-    from gpt2lab.finetune.sft import rates_from_base
+    from gpt2lab.finetune.sft import settings_from_base
 
     cfg = SFTConfig(init=str(base_run), data=str(sft_data[0]), out=str(tmp_path / "x"))
-    got = rates_from_base(cfg)  # the base: AdamW at 1e-2 (base_run)
-    assert (got.optimizer, got.lr, got.muon_lr) == ("adamw", pytest.approx(1e-2 / 3), 0.02)
-    assert rates_from_base(dataclasses.replace(cfg, lr=2e-4)).lr == 2e-4  # a rate given wins
-    assert rates_from_base(cfg, given={"lr": 1e-4}).lr == 1e-4  # ... also at the default's value, from the CLI
-    assert rates_from_base(dataclasses.replace(cfg, lora_rank=4)).lr == 1e-4  # LoRA keeps its own
+    got = settings_from_base(cfg)  # the base: AdamW at 1e-2 (base_run)
+    assert (got.optimizer, got.lr, got.muon_lr, got.freeze_embeddings) == ("adamw", pytest.approx(1e-2 / 3), 0.02,
+                                                                           True)
+    assert settings_from_base(dataclasses.replace(cfg, freeze_embeddings=False)).freeze_embeddings is False
+    assert settings_from_base(dataclasses.replace(cfg, lr=2e-4)).lr == 2e-4  # a rate given wins
+    assert settings_from_base(cfg, given={"lr": 1e-4}).lr == 1e-4  # ... also at the default's value, from the CLI
+    lora = dataclasses.replace(cfg, lora_rank=4)
+    assert settings_from_base(lora) == lora  # LoRA keeps its own
     sft_base = dataclasses.replace(cfg, init=str(full_run[0]))  # not a pretraining run: the defaults stay
-    assert rates_from_base(sft_base) == sft_base
+    assert settings_from_base(sft_base) == sft_base
 
     muon_base = tmp_path / "muon-base"
     shutil.copytree(base_run, muon_base, ignore=shutil.ignore_patterns("checkpoints", "tensorboard"))
     config = json.loads((muon_base / "config.json").read_text())
     config["train"].update(optimizer="muon", lr=3e-3, muon_lr=0.03)
     (muon_base / "config.json").write_text(json.dumps(config))
-    got = rates_from_base(dataclasses.replace(cfg, init=str(muon_base)), given={"optimizer": "adamw"})
+    got = settings_from_base(dataclasses.replace(cfg, init=str(muon_base)), given={"optimizer": "adamw"})
     assert (got.optimizer, got.lr, got.muon_lr) == ("adamw", pytest.approx(1e-3), 0.03)
-    got = rates_from_base(dataclasses.replace(cfg, init=str(muon_base)))
+    got = settings_from_base(dataclasses.replace(cfg, init=str(muon_base)))
     assert (got.optimizer, got.lr, got.muon_lr) == ("muon", pytest.approx(1e-3), 0.03)
+
+
+def test_frozen_embeddings_stay_as_they_were_and_the_rest_trains(base_run, sft_data, tmp_path):
+    out = tmp_path / "frozen"
+    finetune_sft(sft_cfg(base_run, sft_data[0], out, max_steps=5, freeze_embeddings=True))
+    before, after = load_file(base_run / "model.safetensors"), load_file(out / "model.safetensors")
+    frozen = [k for k in after if k.endswith(("wte.weight", "wpe.weight", "lm_head.weight"))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert any(not torch.equal(before[k], after[k]) for k in after if k not in frozen)
+    assert read_run_config(out)["train"]["freeze_embeddings"] is True  # stored, so that a resume keeps it

@@ -46,6 +46,9 @@ class SFTConfig(LoopConfig):
     lora_targets: str = opt("all", "comma-separated layers to adapt: all (every linear layer of the blocks), "
                             "c_attn, c_proj, c_fc, attn, mlp, h.N, or any layer's name")
     lr: float = opt(1e-4, "peak learning rate", check=finite_range(0, 10, lo_open=True))
+    freeze_embeddings: bool | None = opt(None, "keep the token embedding and the LM head (and learned positions) "
+                                         "as they are; default: on for a run pretrained here, so that tokens "
+                                         "the data never answers with stay reachable (README: Fine-tuning)")
     warmup_steps: int = opt(20, "steps of linear warmup", check=NONNEG)
     eval_every: int | None = opt(100, "evaluate every N steps (and at the end)", check=POSITIVE, resumable=True)
     seq_len: int | None = opt(None, "tokens per example, prompt and response together (default: the model's "

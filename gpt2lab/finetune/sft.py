@@ -155,6 +155,10 @@ class SFTTask(FinetuneTask):
             targets = tuple(t.strip() for t in self.cfg.lora_targets.split(",") if t.strip())
             apply_lora(model, rank=self.cfg.lora_rank, alpha=self.cfg.lora_alpha, dropout=self.cfg.lora_dropout,
                        targets=targets)
+        elif self.cfg.freeze_embeddings:
+            for module in (model.transformer.wte, model.lm_head, getattr(model.transformer, "wpe", None)):
+                if module is not None:
+                    module.weight.requires_grad_(False)
         return model
 
     def train_loader(self):
@@ -210,13 +214,16 @@ class SFTTask(FinetuneTask):
             save_weights(model, out / ckpt.WEIGHTS_FILE)
 
 
-def rates_from_base(cfg: SFTConfig, given: dict | None = None) -> SFTConfig:
-    """The optimizer and learning rates of a full fine-tune, when not given, from the base's pretraining.
+def settings_from_base(cfg: SFTConfig, given: dict | None = None) -> SFTConfig:
+    """The optimizer, learning rates and frozen embeddings of a full fine-tune, when not given, from the base.
 
-    The defaults (AdamW at 1e-4) are right for OpenAI's 124M GPT-2, whose import carries no training
-    settings, and stay for it. A run pretrained here fine-tunes with its own optimizer, its Muon rate and a
-    third of its AdamW rate: a 5M-parameter model pretrained at 3e-3 with Muon does not learn a new
-    instruction at 1e-4 (README "Fine-tuning" has the measurement). LoRA and --resume keep their own."""
+    The defaults (AdamW at 1e-4, every weight trained) are right for OpenAI's 124M GPT-2, whose import
+    carries no training settings, and stay for it. A run pretrained here fine-tunes with its own optimizer,
+    its Muon rate and a third of its AdamW rate (a 5M-parameter model pretrained at 3e-3 with Muon does not
+    learn a new instruction at 1e-4), and with its token embedding and head frozen: a few thousand records
+    answer with a small part of the vocabulary, and training the head on them pushes every other token
+    down, so that the model cannot copy a word the data never had (README "Fine-tuning" has the
+    measurements). LoRA and --resume keep their own settings."""
     given = explicit_settings(cfg) if given is None else given
     if cfg.resume or cfg.lora_rank or not cfg.init or not Path(cfg.init, ckpt.CONFIG_FILE).is_file():
         return cfg
@@ -234,15 +241,16 @@ def rates_from_base(cfg: SFTConfig, given: dict | None = None) -> SFTConfig:
         changes["lr"] = float(train["lr"]) / 3
     if "muon_lr" not in given and isinstance(train.get("muon_lr"), (int, float)):
         changes["muon_lr"] = float(train["muon_lr"])
+    if cfg.freeze_embeddings is None:
+        changes["freeze_embeddings"] = True
     changes = {k: v for k, v in changes.items() if getattr(cfg, k) != v}
     if not changes:
         return cfg
-    console("from the base run's pretraining: " + ", ".join(f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float)
-                                                            else f"--{k.replace('_', '-')} {v}"
-                                                            for k, v in changes.items())
-            + " (flags given win)")
+    shown = [f"--{k.replace('_', '-')}" + ("" if v is True else f" {v:g}" if isinstance(v, float) else f" {v}")
+             for k, v in changes.items()]
+    console(f"settings from the base run's pretraining: {' '.join(shown)} (flags given win)")
     return replace(cfg, **changes)
 
 
 def finetune_sft(cfg: SFTConfig, given: dict | None = None):
-    return train_task(rates_from_base(cfg, given), SFTTask, given)
+    return train_task(settings_from_base(cfg, given), SFTTask, given)

@@ -9,11 +9,10 @@ x86, which uses AVX512-VNNI where there is one; qnnpack on ARM). On CUDA the wei
 torchao's int8 weight-only quantization (the optional extra `pip install torchao`), which keeps the
 activations in floating point.
 
-What changes: the logits, a little (int8 rounding; `gpt2lab eval RUN --task loss --quantize int8`
-measures held-out bits per byte, and the tests bound it and the share of next-token choices equal to
-fp32's). What does not: the model's code. The embedding stays in floating point; the LM head, which
-GPT-2 ties to it, gets an int8 copy of its own. A quantized model is for inference only: it cannot
-train, and its weights are not saved.
+What changes: the logits, a little (int8 rounding; bench/quantize.py measures held-out bits per byte
+and the share of next and greedy tokens equal to fp32's). What does not: the model's code. The
+embedding stays in floating point; the LM head, which GPT-2 ties to it, gets an int8 copy of its own.
+A quantized model is for inference only: it cannot train, and its weights are not saved.
 """
 
 from __future__ import annotations

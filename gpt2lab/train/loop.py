@@ -42,8 +42,7 @@ from gpt2lab.train.task import Context, NonFiniteLoss, Task, TrainResult
 class Trainer:
     """Trains `task_class(settings)` into the run dir cfg.out: `Trainer(cfg, LMTask, dist).run()`."""
 
-    BUDGET_PROBE = 6  # steps run before the schedule is fitted to --time-budget (the first, which compiles and
-    # warms up, is not timed)
+    BUDGET_PROBE = 6  # steps run (all but the first timed) before the schedule is fitted to --time-budget
 
     def __init__(self, cfg: LoopConfig, task_class, dist: distributed.DistInfo, given: dict | None = None):
         self.dist = dist
@@ -174,8 +173,8 @@ class Trainer:
 
     def _fit_to_time_budget(self, steps: int) -> None:
         """With --time-budget: the run's length in steps, from the time the first steps took, so that the
-        warmup and decay end when the budget does (every rank agrees on rank 0's estimate). The first step
-        is left out of the time per step: it holds torch.compile's compilation and the first allocations."""
+        warmup and decay end when the budget does (all ranks take rank 0's estimate). The first step, which
+        holds torch.compile's compilation and the first allocations, is not timed."""
         per_step = (time.time() - self._t_first_step) / (steps - 1)
         left = self.cfg.time_budget - self.elapsed()
         estimate = torch.tensor([self.step + max(0, int(left / max(per_step, 1e-9)))], dtype=torch.long)
@@ -393,11 +392,9 @@ class Trainer:
 
 def train_task(cfg: LoopConfig, task_class: type[Task], given: dict | None = None) -> TrainResult:
     """Set up the process group (under torchrun), train `task_class(settings)`, tear down."""
-    info = distributed.setup(cfg.device)
-    finished = False
+    info, result = distributed.setup(cfg.device), None
     try:
         result = Trainer(cfg, task_class, info, given).run()
-        finished = True
         return result
     finally:
-        distributed.teardown(info, finished)
+        distributed.teardown(info, finished=result is not None)
