@@ -64,6 +64,18 @@ def gpt2lab_impl(model: GPT, compile: bool = False):
     return decode
 
 
+def torchao_impl(model: GPT):
+    """The other maintained int8 path: torchao's int8 weight-only quantization of a copy of the model (what
+    `--quantize int8` uses on CUDA), measured here to show why the CPU path is PyTorch's own kernels."""
+    import copy
+
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    ao = copy.deepcopy(model).eval()
+    quantize_(ao, Int8WeightOnlyConfig())
+    return gpt2lab_impl(ao)
+
+
 def transformers_impl(hf_dir: Path):
     from transformers import GPT2LMHeadModel
 
@@ -126,7 +138,8 @@ def llama_cpp_impl(run_dir: Path, work: Path, kind: str, threads: int):
 def implementations(model, bf16, int8, run_dir: Path, hf_dir: Path, work: Path, threads: int) -> dict:
     """name -> a function that makes the decoder (a peer that is not installed raises ImportError)."""
     return {"gpt2lab fp32": lambda: gpt2lab_impl(model), "gpt2lab bf16": lambda: gpt2lab_impl(bf16),
-            "gpt2lab int8": lambda: gpt2lab_impl(int8), "transformers fp32": lambda: transformers_impl(hf_dir),
+            "gpt2lab int8": lambda: gpt2lab_impl(int8), "torchao int8 weight-only": lambda: torchao_impl(model),
+            "transformers fp32": lambda: transformers_impl(hf_dir),
             "ctranslate2 float32": lambda: ctranslate2_impl(hf_dir, work, "float32", threads),
             "ctranslate2 int8": lambda: ctranslate2_impl(hf_dir, work, "int8", threads),
             "llama.cpp f16": lambda: llama_cpp_impl(run_dir, work, "f16", threads),
@@ -140,7 +153,7 @@ def machine(threads: list[int]) -> str:
     import transformers
 
     versions = [f"torch {torch.__version__}", f"transformers {transformers.__version__}"]
-    for name in ("ctranslate2", "llama_cpp"):
+    for name in ("ctranslate2", "llama_cpp", "torchao"):
         try:
             versions.append(f"{name} {__import__(name).__version__}")
         except ImportError:

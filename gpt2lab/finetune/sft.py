@@ -39,6 +39,7 @@ from gpt2lab.model.gpt import GPT
 from gpt2lab.model.lora import apply_lora
 from gpt2lab.templates import encode_messages, record_messages
 from gpt2lab.train.config import OPTIMIZERS, explicit_settings
+from gpt2lab.train.distributed import launched_as_main
 from gpt2lab.train.loop import train_task
 from gpt2lab.train.task import IGNORE_INDEX, held_out_mean, lm_loss
 from gpt2lab.weights import save_lora, save_weights
@@ -248,7 +249,8 @@ def settings_from_base(cfg: SFTConfig, given: dict | None = None) -> SFTConfig:
         return cfg
     shown = [f"--{k.replace('_', '-')}" + ("" if v is True else f" {v:g}" if isinstance(v, float) else f" {v}")
              for k, v in changes.items()]
-    console(f"settings from the base run's pretraining: {' '.join(shown)} (flags given win)")
+    if launched_as_main():
+        console(f"settings from the base run's pretraining: {' '.join(shown)} (flags given win)")
     return replace(cfg, **changes)
 
 

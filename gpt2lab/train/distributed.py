@@ -59,6 +59,11 @@ class DistInfo:
 STRATEGIES = ("ddp", "fsdp")
 
 
+def launched_as_main() -> bool:
+    """Whether this process is rank 0 of a torchrun launch, or not launched by torchrun (before set-up)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def setup(device_name: str = "auto") -> DistInfo:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
