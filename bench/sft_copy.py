@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import random
 import re
 import subprocess
@@ -28,7 +29,9 @@ from pathlib import Path
 
 from gpt2lab.checkpoint import load_tokenizer, open_run
 
-CORPUS = Path(__file__).resolve().parents[1] / "gpt2lab" / "assets" / "shakespeare.txt.gz"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import BUNDLED_CORPUS, gpt2lab  # noqa: E402
+
 INSTRUCTION = "Repeat the word after the colon, and nothing else."
 
 
@@ -37,7 +40,7 @@ def record(word: str) -> dict:
 
 
 def write_records(folder: Path, n_train: int, n_test: int, seed: int) -> tuple[Path, Path]:
-    text = gzip.decompress(CORPUS.read_bytes()).decode("utf-8")
+    text = gzip.decompress(BUNDLED_CORPUS.read_bytes()).decode("utf-8")
     words = sorted({w.lower() for w in re.findall(r"[A-Za-z]{4,10}", text)})
     random.Random(seed).shuffle(words)
     paths = folder / "train.jsonl", folder / "test.jsonl"
@@ -46,29 +49,29 @@ def write_records(folder: Path, n_train: int, n_test: int, seed: int) -> tuple[P
     return paths
 
 
-def gpt2lab(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "gpt2lab", *args], check=True)
-
-
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                usage="%(prog)s BASE [options] [-- finetune sft flags]")
     p.add_argument("base", help="the run dir to fine-tune (e.g. demo/run)")
     p.add_argument("--out", default=None, help="the SFT run dir (default: a temporary one)")
     p.add_argument("--train", type=int, default=1500, help="training words (default 1500)")
     p.add_argument("--test", type=int, default=200, help="held-out words (default 200)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("sft_flags", nargs="*", help="after --: flags for `gpt2lab finetune sft`")
-    args = p.parse_args()
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)  # after --: flags for `gpt2lab finetune sft`
+    args = p.parse_args(argv[:cut])
+    args.sft_flags = argv[cut + 1:]
 
     work = Path(tempfile.mkdtemp(prefix="gpt2lab-sft-copy-"))
     out = Path(args.out) if args.out else work / "run"
     train, test = write_records(work, args.train, args.test, args.seed)
     t0 = time.time()
-    gpt2lab("finetune", "sft", "--init", args.base, "--data", str(train), "--out", str(out), *args.sft_flags)
+    subprocess.run(gpt2lab("finetune", "sft", "--init", args.base, "--data", str(train), "--out", str(out),
+                           *args.sft_flags), check=True)
     minutes = (time.time() - t0) / 60
     predictions = work / "predictions.jsonl"
-    gpt2lab("eval", str(out), "--task", "exact", "--data", str(test), "--max-new-tokens", "16",
-            "--predictions", str(predictions))
+    subprocess.run(gpt2lab("eval", str(out), "--task", "exact", "--data", str(test), "--max-new-tokens", "16",
+                           "--predictions", str(predictions)), check=True)
 
     tokenizer = load_tokenizer(open_run(out))
     seen = {i for r in map(json.loads, train.read_text().splitlines()) for i in tokenizer.encode(" " + r["input"][6:])}

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import os
+import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -22,7 +23,8 @@ from gpt2lab.checkpoint import load_run
 from gpt2lab.generate import generate
 from gpt2lab.generate.speculative import DraftModel, PromptLookup
 
-CORPUS = Path(__file__).resolve().parents[1] / "gpt2lab" / "assets" / "shakespeare.txt.gz"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import BUNDLED_CORPUS  # noqa: E402
 
 
 def timed(model, ids: list[int], args, drafter) -> tuple[float, list[int]]:
@@ -49,7 +51,7 @@ def main() -> None:
     model, tok = load_run(args.run)
     model.eval()
     draft = load_run(args.draft)[0].eval() if args.draft else None
-    text = gzip.decompress(CORPUS.read_bytes()).decode("utf-8")
+    text = gzip.decompress(BUNDLED_CORPUS.read_bytes()).decode("utf-8")
     starts = {"To be, or not to be": text.index("To be, or not to be"), "a third in": len(text) // 3,
               "two thirds in": 2 * len(text) // 3}
     rows = []

@@ -22,9 +22,9 @@ def cmd_finetune_classify(args) -> int:
 
 
 def _is_main() -> bool:
-    import os
+    from gpt2lab.train.distributed import launched_as_main
 
-    return int(os.environ.get("RANK", "0")) == 0
+    return launched_as_main()
 
 
 def _read_inputs(path: str, text_field: str) -> list[str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 from gpt2lab.cli import comma_list, finite_float, positive_int
 
@@ -69,6 +68,7 @@ def resolve_config(args, cls):
 
 def cmd_pretrain(args) -> int:
     from gpt2lab.train.config import TrainConfig
+    from gpt2lab.train.distributed import launched_as_main
     from gpt2lab.train.pretrain import pretrain
 
     cfg, given = resolve_config(args, TrainConfig)
@@ -76,13 +76,13 @@ def cmd_pretrain(args) -> int:
         from gpt2lab.train.plan import plan
 
         text = plan(cfg, processes=args.processes, gpu_memory=args.gpu_memory)
-        if int(os.environ.get("RANK", "0")) == 0:  # (under torchrun: one plan, not one per process)
+        if launched_as_main():  # (under torchrun: one plan, not one per process)
             print(text)
         return 0
-    if int(os.environ.get("RANK", "0")) == 0:
+    if launched_as_main():
         _cpu_note(cfg, given)
     result = pretrain(cfg, given)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if launched_as_main():
         _after_training(result, result.settings or cfg)
     return 0
 

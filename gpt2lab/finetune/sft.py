@@ -226,7 +226,7 @@ def settings_from_base(cfg: SFTConfig, given: dict | None = None) -> SFTConfig:
     down, so that the model cannot copy a word the data never had (README "Fine-tuning" has the
     measurements). LoRA and --resume keep their own settings."""
     given = explicit_settings(cfg) if given is None else given
-    if cfg.resume or cfg.lora_rank or not cfg.init or not Path(cfg.init, ckpt.CONFIG_FILE).is_file():
+    if cfg.resume or cfg.lora_rank or not cfg.init:
         return cfg
     try:
         base = ckpt.read_run_config(cfg.init)
